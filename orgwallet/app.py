@@ -1,0 +1,148 @@
+"""The FastAPI application: /graphql, /healthz, /readyz."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import ORJSONResponse
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from strawberry.fastapi import GraphQLRouter
+
+from orgwallet.auth import api_keys as key_secrets
+from orgwallet.auth.principals import Anonymous, Principal
+from orgwallet.auth.tokens import JwtVerifier
+from orgwallet.config import Settings
+from orgwallet.db.engine import create_engine, session_factory, transaction
+from orgwallet.errors import Unauthenticated
+from orgwallet.schema.context import Context
+from orgwallet.schema.schema import build_schema
+from orgwallet.services import api_keys as key_service
+from orgwallet.services.audit import request_id_var
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    """Process-wide collaborators, built once at start-up."""
+
+    settings: Settings
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    jwt: JwtVerifier
+
+    async def authenticate(self, authorization: str | None) -> Principal:
+        if not authorization:
+            return Anonymous()
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthenticated("Authorization must be 'Bearer <token>'")
+        token = token.strip()
+        if key_secrets.looks_like_api_key(token):
+            async with transaction(self.sessions) as session:
+                return await key_service.authenticate(session, token)
+        return self.jwt.verify(token)
+
+
+class RequestIdMiddleware:
+    """Gives every request an id (or keeps the caller's X-Request-ID) for logs and audit rows."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")[:100]
+        request_id = given or uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            request_id_var.reset(token)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    if not settings.database_url:
+        raise RuntimeError("ORGWALLET_DATABASE_URL is not set (`orgwallet serve` sets it up)")
+    engine = create_engine(settings.database_url, pool_size=settings.database_pool_size)
+    services = Services(
+        settings=settings,
+        engine=engine,
+        sessions=session_factory(engine),
+        jwt=JwtVerifier(settings),
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await engine.dispose()
+
+    app = FastAPI(title="orgwallet", lifespan=lifespan, default_response_class=ORJSONResponse)
+    app.state.services = services
+
+    async def get_context(request: Request) -> AsyncIterator[Context]:
+        auth_error: str | None = None
+        try:
+            principal = await services.authenticate(request.headers.get("authorization"))
+        except Unauthenticated as error:
+            principal, auth_error = Anonymous(), error.message
+        context = Context(
+            settings=settings,
+            services=services,
+            principal=principal,
+            request_id=request_id_var.get() or "",
+            auth_error=auth_error,
+        )
+        try:
+            yield context
+        finally:
+            await context.close()
+
+    graphql: GraphQLRouter[Context, None] = GraphQLRouter(
+        build_schema(settings),
+        # A FastAPI dependency with cleanup (it closes the read session); typed too narrowly.
+        context_getter=get_context,  # type: ignore[arg-type]
+        graphql_ide="graphiql" if settings.graphiql else None,
+    )
+    app.include_router(graphql, prefix="/graphql")
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> ORJSONResponse:
+        try:
+            async with services.sessions() as session:
+                await session.execute(text("SELECT 1"))
+        except Exception:
+            log.exception("readiness check failed")
+            return ORJSONResponse({"status": "unavailable"}, status_code=503)
+        return ORJSONResponse({"status": "ready"})
+
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type", "x-request-id"],
+        )
+    app.add_middleware(RequestIdMiddleware)
+    return app

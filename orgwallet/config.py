@@ -1,0 +1,76 @@
+"""Settings, read from the environment (prefix ``ORGWALLET_``) and from ``.env``.
+
+Stripe keys keep the names Stripe users already know (``STRIPE_SECRET_KEY``,
+``STRIPE_WEBHOOK_SECRET``). With no database URL the embedded PostgreSQL of
+``pgserver`` is used, with its data and the generated JWT secret kept in
+``home`` (``./.orgwallet`` by default).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="ORGWALLET_", env_file=".env", extra="ignore", populate_by_name=True
+    )
+
+    home: Path = Path(".orgwallet")
+    database_url: str | None = None
+    database_pool_size: int = 20
+
+    # Authentication. HS256 with `jwt_secret`, or RS256 with keys from `jwt_jwks_url`.
+    jwt_secret: str | None = None
+    jwt_algorithm: str = "HS256"
+    jwt_jwks_url: str | None = None
+    jwt_issuer: str = "orgwallet"
+    jwt_audience: str = "orgwallet"
+    jwt_leeway_seconds: int = 30
+    jwt_admin_claim: str | None = "orgwallet_admin"
+    platform_admins: list[str] = Field(default_factory=list)
+
+    cors_origins: list[str] = Field(default_factory=list)
+    graphiql: bool = True
+    max_query_depth: int = 12
+    max_query_tokens: int = 2000
+
+    # Ledger defaults.
+    trial_tokens: int = 3
+    trial_days: int = 30
+
+    stripe_secret_key: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("STRIPE_SECRET_KEY", "ORGWALLET_STRIPE_SECRET_KEY"),
+    )
+    stripe_webhook_secret: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("STRIPE_WEBHOOK_SECRET", "ORGWALLET_STRIPE_WEBHOOK_SECRET"),
+    )
+
+    @cached_property
+    def signing_secret(self) -> str:
+        """The HS256 secret: configured, or generated once and kept under ``home``."""
+        if self.jwt_secret:
+            return self.jwt_secret
+        path = self.home / "jwt-secret"
+        self.home.mkdir(parents=True, exist_ok=True)
+        try:
+            # O_EXCL: of several processes starting at once, exactly one writes the secret.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(48))
+        return path.read_text().strip()
+
+
+def get_settings() -> Settings:
+    return Settings()

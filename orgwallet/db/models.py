@@ -1,0 +1,169 @@
+"""SQLModel tables. The DDL, with every CHECK, trigger and function, lives in the migrations;
+these classes mirror it for typed reads and simple writes outside the ledger."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import BigInteger, Column, DateTime, SmallInteger, Text, text
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.dialects.postgresql import UUID as PgUUID
+from sqlmodel import Field, SQLModel
+from uuid6 import uuid7
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _id() -> Any:
+    return Field(default_factory=uuid7, sa_column=Column(PgUUID(as_uuid=True), primary_key=True))
+
+
+def _ts(nullable: bool = False) -> Any:
+    if nullable:
+        return Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
+    return Field(
+        default_factory=utcnow,
+        sa_column=Column(DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    )
+
+
+def _ref(nullable: bool = False) -> Any:
+    return Field(
+        default=None if nullable else ...,
+        sa_column=Column(PgUUID(as_uuid=True), nullable=nullable),
+    )
+
+
+class Role(enum.StrEnum):
+    OWNER = "owner"
+    ADMIN = "admin"
+    BILLING = "billing"
+    MEMBER = "member"
+    VIEWER = "viewer"
+
+
+class Organization(SQLModel, table=True):
+    __tablename__ = "organizations"
+    id: uuid.UUID = _id()
+    name: str
+    slug: str
+    created_at: datetime = _ts()
+
+
+class User(SQLModel, table=True):
+    __tablename__ = "users"
+    id: uuid.UUID = _id()
+    subject: str
+    email: str | None = None
+    name: str | None = None
+    created_at: datetime = _ts()
+
+
+class Membership(SQLModel, table=True):
+    __tablename__ = "memberships"
+    organization_id: uuid.UUID = Field(sa_column=Column(PgUUID(as_uuid=True), primary_key=True))
+    user_id: uuid.UUID = Field(sa_column=Column(PgUUID(as_uuid=True), primary_key=True))
+    role: Role = Field(sa_column=Column(Text, nullable=False))
+    created_at: datetime = _ts()
+
+
+class ApiKey(SQLModel, table=True):
+    __tablename__ = "api_keys"
+    id: uuid.UUID = _id()
+    organization_id: uuid.UUID = _ref()
+    name: str
+    prefix: str
+    secret_hash: str
+    scopes: list[str] = Field(sa_column=Column(ARRAY(Text), nullable=False))
+    created_by: str
+    created_at: datetime = _ts()
+    last_used_at: datetime | None = _ts(nullable=True)
+    revoked_at: datetime | None = _ts(nullable=True)
+
+
+class AuditEntry(SQLModel, table=True):
+    __tablename__ = "audit_log"
+    id: uuid.UUID = _id()
+    at: datetime = _ts()
+    actor: str
+    action: str
+    organization_id: uuid.UUID | None = _ref(nullable=True)
+    target_type: str
+    target_id: str | None = None
+    before: dict[str, Any] | None = Field(default=None, sa_column=Column(JSONB, nullable=True))
+    after: dict[str, Any] | None = Field(default=None, sa_column=Column(JSONB, nullable=True))
+    request_id: str | None = None
+
+
+class WalletStatus(enum.StrEnum):
+    ACTIVE = "active"
+    SUSPENDED = "suspended"
+
+
+class Wallet(SQLModel, table=True):
+    __tablename__ = "wallets"
+    id: uuid.UUID = _id()
+    organization_id: uuid.UUID = _ref()
+    status: WalletStatus = Field(sa_column=Column(Text, nullable=False))
+    balance: int = Field(sa_column=Column(BigInteger, nullable=False))
+    reserved: int = Field(sa_column=Column(BigInteger, nullable=False))
+    lifetime_purchased: int = Field(sa_column=Column(BigInteger, nullable=False))
+    lifetime_granted: int = Field(sa_column=Column(BigInteger, nullable=False))
+    lifetime_consumed: int = Field(sa_column=Column(BigInteger, nullable=False))
+    lifetime_expired: int = Field(sa_column=Column(BigInteger, nullable=False))
+    entry_seq: int = Field(sa_column=Column(BigInteger, nullable=False))
+    created_at: datetime = _ts()
+    updated_at: datetime = _ts()
+
+
+class CreditLot(SQLModel, table=True):
+    __tablename__ = "credit_lots"
+    id: uuid.UUID = _id()
+    wallet_id: uuid.UUID = _ref()
+    source: str
+    amount: int = Field(sa_column=Column(BigInteger, nullable=False))
+    remaining: int = Field(sa_column=Column(BigInteger, nullable=False))
+    priority: int = Field(sa_column=Column(SmallInteger, nullable=False))
+    expires_at: datetime | None = _ts(nullable=True)
+    unit_cost_minor: int | None = Field(default=None, sa_column=Column(BigInteger))
+    currency: str | None = None
+    entry_id: uuid.UUID = _ref()
+    created_at: datetime = _ts()
+
+
+class LedgerEntry(SQLModel, table=True):
+    __tablename__ = "ledger_entries"
+    id: uuid.UUID = _id()
+    wallet_id: uuid.UUID = _ref()
+    seq: int = Field(sa_column=Column(BigInteger, nullable=False))
+    kind: str
+    amount: int = Field(sa_column=Column(BigInteger, nullable=False))
+    held_change: int = Field(sa_column=Column(BigInteger, nullable=False))
+    balance_after: int = Field(sa_column=Column(BigInteger, nullable=False))
+    reserved_after: int = Field(sa_column=Column(BigInteger, nullable=False))
+    idempotency_key: str | None = None
+    fingerprint: uuid.UUID | None = _ref(nullable=True)
+    reason: str | None = None
+    metadata_: dict[str, Any] | None = Field(default=None, sa_column=Column("metadata", JSONB, nullable=True))
+    actor: str | None = None
+    reference_id: uuid.UUID | None = _ref(nullable=True)
+    created_at: datetime = _ts()
+
+
+class Reservation(SQLModel, table=True):
+    __tablename__ = "reservations"
+    id: uuid.UUID = _id()
+    wallet_id: uuid.UUID = _ref()
+    entry_id: uuid.UUID = _ref()
+    amount: int = Field(sa_column=Column(BigInteger, nullable=False))
+    captured: int = Field(sa_column=Column(BigInteger, nullable=False))
+    status: str
+    expires_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    reason: str | None = None
+    settled_at: datetime | None = _ts(nullable=True)
+    created_at: datetime = _ts()

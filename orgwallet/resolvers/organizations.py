@@ -1,0 +1,161 @@
+"""Queries and mutations of organizations, members and API keys."""
+
+from __future__ import annotations
+
+import strawberry
+from sqlalchemy.ext.asyncio import AsyncSession
+from strawberry import relay
+
+from orgwallet.auth.principals import ApiKeyPrincipal, UserPrincipal
+from orgwallet.db import models
+from orgwallet.errors import NotFound, OrgWalletError
+from orgwallet.resolvers.common import mutate
+from orgwallet.schema.context import Info
+from orgwallet.schema.organizations import (
+    AddMemberInput,
+    ApiKeyCreated,
+    ApiKeyRevoked,
+    CreateApiKeyInput,
+    CreateApiKeyResult,
+    CreateOrganizationInput,
+    CreateOrganizationResult,
+    MembershipChanged,
+    MembershipResult,
+    OrganizationCreated,
+    RemoveMemberInput,
+    RevokeApiKeyInput,
+    RevokeApiKeyResult,
+    SetMemberRoleInput,
+)
+from orgwallet.schema.permissions import IsAuthenticated, IsUser
+from orgwallet.schema.types import ApiKey, Organization, Viewer
+from orgwallet.services import api_keys as key_service
+from orgwallet.services import organizations as org_service
+from orgwallet.services.validation import global_id
+
+
+async def _membership_changed(
+    session: AsyncSession, info: Info, organization_id: object
+) -> MembershipChanged:
+    row = await session.get(models.Organization, organization_id)
+    if row is None:
+        raise NotFound("organization not found")
+    return MembershipChanged(organization=Organization.of(row))
+
+
+@strawberry.type
+class OrganizationQueries:
+    @strawberry.field(permission_classes=[IsAuthenticated])
+    def viewer(self, info: Info) -> Viewer:
+        principal = info.context.principal
+        if isinstance(principal, UserPrincipal):
+            return Viewer(
+                subject=principal.subject,
+                email=principal.email,
+                is_platform_admin=principal.is_platform_admin,
+            )
+        assert isinstance(principal, ApiKeyPrincipal)
+        return Viewer(subject=principal.subject, email=None, is_platform_admin=False)
+
+    @strawberry.field(
+        permission_classes=[IsAuthenticated],
+        description="Null when it does not exist or the caller is not a member.",
+    )
+    async def organization(self, info: Info, id: strawberry.ID) -> Organization | None:
+        try:
+            organization_id = global_id(id, "Organization", "id")
+        except OrgWalletError:
+            return None
+        async with info.context.reading() as session:
+            row = await org_service.get_organization(session, info.context.principal, organization_id)
+        return Organization.of(row) if row else None
+
+    node: relay.Node | None = relay.node(permission_classes=[IsAuthenticated])
+
+
+@strawberry.type
+class OrganizationMutations:
+    @strawberry.mutation(permission_classes=[IsUser])
+    async def create_organization(
+        self, info: Info, input: CreateOrganizationInput
+    ) -> CreateOrganizationResult:
+        async def run(session: AsyncSession) -> OrganizationCreated:
+            row = await org_service.create_organization(
+                session,
+                info.context.principal,
+                info.context.settings,
+                name=input.name,
+                slug=input.slug,
+            )
+            return OrganizationCreated(organization=Organization.of(row))
+
+        return await mutate(info, run)  # type: ignore[no-any-return]
+
+    @strawberry.mutation(permission_classes=[IsUser])
+    async def add_member(self, info: Info, input: AddMemberInput) -> MembershipResult:
+        async def run(session: AsyncSession) -> MembershipChanged:
+            organization_id = global_id(input.organization_id, "Organization", "organizationId")
+            await org_service.add_member(
+                session,
+                info.context.principal,
+                organization_id,
+                subject=input.subject,
+                email=input.email,
+                role=input.role.model(),
+            )
+            return await _membership_changed(session, info, organization_id)
+
+        return await mutate(info, run)  # type: ignore[no-any-return]
+
+    @strawberry.mutation(permission_classes=[IsUser])
+    async def set_member_role(self, info: Info, input: SetMemberRoleInput) -> MembershipResult:
+        async def run(session: AsyncSession) -> MembershipChanged:
+            organization_id = global_id(input.organization_id, "Organization", "organizationId")
+            await org_service.set_member_role(
+                session,
+                info.context.principal,
+                organization_id,
+                subject=input.subject,
+                role=input.role.model(),
+            )
+            return await _membership_changed(session, info, organization_id)
+
+        return await mutate(info, run)  # type: ignore[no-any-return]
+
+    @strawberry.mutation(permission_classes=[IsUser])
+    async def remove_member(self, info: Info, input: RemoveMemberInput) -> MembershipResult:
+        async def run(session: AsyncSession) -> MembershipChanged:
+            organization_id = global_id(input.organization_id, "Organization", "organizationId")
+            await org_service.remove_member(
+                session, info.context.principal, organization_id, subject=input.subject
+            )
+            return await _membership_changed(session, info, organization_id)
+
+        return await mutate(info, run)  # type: ignore[no-any-return]
+
+    @strawberry.mutation(permission_classes=[IsUser])
+    async def create_api_key(self, info: Info, input: CreateApiKeyInput) -> CreateApiKeyResult:
+        async def run(session: AsyncSession) -> ApiKeyCreated:
+            organization_id = global_id(input.organization_id, "Organization", "organizationId")
+            key, secret = await key_service.create_api_key(
+                session,
+                info.context.principal,
+                organization_id,
+                name=input.name,
+                scopes=input.scopes,
+            )
+            return ApiKeyCreated(api_key_id=relay.GlobalID("ApiKey", str(key.id)), secret=secret)
+
+        return await mutate(info, run)  # type: ignore[no-any-return]
+
+    @strawberry.mutation(permission_classes=[IsUser])
+    async def revoke_api_key(self, info: Info, input: RevokeApiKeyInput) -> RevokeApiKeyResult:
+        async def run(session: AsyncSession) -> ApiKeyRevoked:
+            api_key_id = global_id(input.api_key_id, "ApiKey", "apiKeyId")
+            key = await key_service.revoke_api_key(session, info.context.principal, api_key_id)
+            return ApiKeyRevoked(api_key_id=relay.GlobalID("ApiKey", str(key.id)))
+
+        return await mutate(info, run)  # type: ignore[no-any-return]
+
+
+__all__ = ["ApiKey", "OrganizationMutations", "OrganizationQueries"]

@@ -1,0 +1,174 @@
+"""GraphQL object types of organizations, people and API keys."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from datetime import datetime
+from enum import Enum
+from typing import Any, Self
+
+import strawberry
+from sqlmodel import col
+from strawberry import relay
+
+from orgwallet.auth.permissions import ROLE_PERMISSIONS, Permission, sorted_permissions
+from orgwallet.auth.principals import UserPrincipal
+from orgwallet.db import models
+from orgwallet.errors import OrgWalletError
+from orgwallet.schema.context import Info
+from orgwallet.services import access
+from orgwallet.services import api_keys as key_service
+from orgwallet.services import organizations as org_service
+
+
+@strawberry.enum
+class Role(Enum):
+    OWNER = "owner"
+    ADMIN = "admin"
+    BILLING = "billing"
+    MEMBER = "member"
+    VIEWER = "viewer"
+
+    @classmethod
+    def of(cls, role: models.Role) -> Role:
+        return cls(role.value)
+
+    def model(self) -> models.Role:
+        return models.Role(self.value)
+
+
+def uuid_ids(node_ids: Iterable[str]) -> list[uuid.UUID | None]:
+    out: list[uuid.UUID | None] = []
+    for node_id in node_ids:
+        try:
+            out.append(uuid.UUID(node_id))
+        except ValueError:
+            out.append(None)
+    return out
+
+
+@strawberry.type
+class Member:
+    subject: str
+    email: str | None
+    role: Role
+
+
+@strawberry.type
+class Organization(relay.Node):
+    id: relay.NodeID[str]
+    name: str
+    slug: str
+    created_at: datetime
+
+    @classmethod
+    def of(cls, row: models.Organization) -> Self:
+        return cls(id=str(row.id), name=row.name, slug=row.slug, created_at=row.created_at)
+
+    @property
+    def uuid(self) -> uuid.UUID:
+        return uuid.UUID(self.id)
+
+    @strawberry.field
+    async def members(self, info: Info) -> list[Member]:
+        async with info.context.reading() as session:
+            rows = await org_service.list_members(session, self.uuid)
+        return [Member(subject=u.subject, email=u.email, role=Role.of(r)) for u, r in rows]
+
+    @strawberry.field(description="API keys of the organization (never their secrets).")
+    async def api_keys(self, info: Info) -> list[ApiKey]:
+        async with info.context.reading() as session:
+            await access.authorize(session, info.context.principal, self.uuid, Permission.MEMBERS_MANAGE)
+            rows = await key_service.list_api_keys(session, self.uuid)
+        return [ApiKey.of(row) for row in rows]
+
+    @classmethod
+    async def resolve_nodes(  # type: ignore[override]
+        cls, *, info: Info, node_ids: Iterable[str], required: bool = False
+    ) -> list[Self | None]:
+        ids = uuid_ids(node_ids)
+        found: dict[uuid.UUID, Any] = {}
+        wanted = [i for i in ids if i is not None]
+        async with info.context.reading() as session:
+            statement = access.readable_organizations(info.context.principal).where(
+                col(models.Organization.id).in_(wanted)
+            )
+            for row in (await session.execute(statement)).scalars():
+                found[row.id] = cls.of(row)
+        return [found.get(i) if i is not None else None for i in ids]
+
+
+@strawberry.type
+class ApiKey(relay.Node):
+    id: relay.NodeID[str]
+    name: str
+    prefix: str
+    scopes: list[str]
+    created_by: str
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+    @classmethod
+    def of(cls, row: models.ApiKey) -> Self:
+        return cls(
+            id=str(row.id),
+            name=row.name,
+            prefix=row.prefix,
+            scopes=list(row.scopes),
+            created_by=row.created_by,
+            created_at=row.created_at,
+            last_used_at=row.last_used_at,
+            revoked_at=row.revoked_at,
+        )
+
+    @classmethod
+    async def resolve_nodes(  # type: ignore[override]
+        cls, *, info: Info, node_ids: Iterable[str], required: bool = False
+    ) -> list[Self | None]:
+        out: list[Self | None] = []
+        async with info.context.reading() as session:
+            for key_id in uuid_ids(node_ids):
+                row = await session.get(models.ApiKey, key_id) if key_id else None
+                if row is None:
+                    out.append(None)
+                    continue
+                try:
+                    await access.authorize(
+                        session,
+                        info.context.principal,
+                        row.organization_id,
+                        Permission.MEMBERS_MANAGE,
+                    )
+                except OrgWalletError:
+                    out.append(None)
+                    continue
+                out.append(cls.of(row))
+        return out
+
+
+@strawberry.type
+class Membership:
+    organization: Organization
+    role: Role
+
+    @strawberry.field
+    def permissions(self) -> list[str]:
+        return sorted_permissions(ROLE_PERMISSIONS[self.role.model()])
+
+
+@strawberry.type
+class Viewer:
+    subject: str
+    email: str | None
+    is_platform_admin: bool
+
+    @strawberry.field
+    async def memberships(self, info: Info) -> list[Membership]:
+        principal = info.context.principal
+        async with info.context.reading() as session:
+            if isinstance(principal, UserPrincipal):
+                rows = await org_service.viewer_memberships(session, principal)
+                return [Membership(organization=Organization.of(o), role=Role.of(r)) for o, r in rows]
+        return []

@@ -1,0 +1,75 @@
+"""Input checks shared by services. Each raises ``InvalidInput`` naming the field."""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+from strawberry.relay import GlobalID
+
+from orgwallet.errors import InvalidInput, NotFound
+
+SLUG_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$")
+EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+$")
+MAX_SAFE_INTEGER = 2**53 - 1
+
+
+def text(value: str | None, field: str, *, max_length: int = 200, required: bool = True) -> str:
+    cleaned = (value or "").strip()
+    if required and not cleaned:
+        raise InvalidInput(f"{field} must not be empty", field=field)
+    if len(cleaned) > max_length:
+        raise InvalidInput(f"{field} must be at most {max_length} characters", field=field)
+    if any(ord(c) < 32 for c in cleaned):
+        raise InvalidInput(f"{field} must not contain control characters", field=field)
+    return cleaned
+
+
+def slug(value: str, field: str = "slug") -> str:
+    if not SLUG_RE.match(value):
+        raise InvalidInput(f"{field} must be 1 to 64 lowercase letters, digits or inner dashes", field=field)
+    return value
+
+
+def slugify(name: str) -> str:
+    base = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:64].strip("-")
+    return base or "org"
+
+
+def email(value: str | None, field: str = "email") -> str | None:
+    if value is None or value == "":
+        return None
+    if len(value) > 320 or not EMAIL_RE.match(value):
+        raise InvalidInput(f"{field} is not an e-mail address", field=field)
+    return value
+
+
+def token_amount(value: object, field: str = "amount") -> int:
+    """A whole, positive number of tokens up to 2**53-1."""
+    if isinstance(value, bool):
+        raise InvalidInput(f"{field} must be a whole number of tokens", field=field)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int):
+        raise InvalidInput(f"{field} must be a whole number of tokens", field=field)
+    if not 1 <= value <= MAX_SAFE_INTEGER:
+        raise InvalidInput(f"{field} must be between 1 and {MAX_SAFE_INTEGER}", field=field)
+    return value
+
+
+def idempotency_key(value: str | None, field: str = "idempotencyKey") -> str:
+    if value is None or not 1 <= len(value) <= 255 or not value.isprintable():
+        raise InvalidInput(f"{field} must be 1 to 255 printable characters", field=field)
+    return value
+
+
+def global_id(value: object, type_name: str, field: str) -> uuid.UUID:
+    """Decodes a Relay global id of the given type; an id of another type is not found."""
+    try:
+        gid = value if isinstance(value, GlobalID) else GlobalID.from_id(str(value))
+        node_id = uuid.UUID(gid.node_id)
+    except (ValueError, TypeError) as exc:
+        raise InvalidInput(f"{field} is not a valid id", field=field) from exc
+    if gid.type_name != type_name:
+        raise NotFound(f"{type_name} not found")
+    return node_id
