@@ -60,6 +60,23 @@ class WalletSuspended(OrgWalletError):
         self.wallet_id = wallet_id
 
 
+class ReservationNotOpen(OrgWalletError):
+    code = "RESERVATION_NOT_OPEN"
+
+    def __init__(self, reservation_id: uuid.UUID, status: str) -> None:
+        super().__init__(f"the reservation is {status}, not open")
+        self.reservation_id = reservation_id
+        self.status = status
+
+
+class NotRefundable(OrgWalletError):
+    code = "NOT_REFUNDABLE"
+
+    def __init__(self, entry_id: uuid.UUID | None, message: str) -> None:
+        super().__init__(message)
+        self.entry_id = entry_id
+
+
 class IdempotencyConflict(OrgWalletError):
     code = "IDEMPOTENCY_CONFLICT"
 

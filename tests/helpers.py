@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+from sqlalchemy import text
 
 from orgwallet.auth.tokens import mint_token
 from orgwallet.config import Settings
@@ -76,3 +77,112 @@ async def create_org(client: GraphQLClient, owner: str, name: str = "Acme", slug
     result = data["createOrganization"]
     assert result["__typename"] == "OrganizationCreated", result
     return str(result["organization"]["id"])
+
+
+ADD_MEMBER = """
+mutation($org: ID!, $subject: String!, $email: String, $role: Role!) {
+  addMember(input: {organizationId: $org, subject: $subject, email: $email, role: $role}) {
+    __typename
+    ... on MembershipChanged { organization { id members { subject email role } } }
+    ... on UserError { code message }
+    ... on InvalidInput { field }
+  }
+}
+"""
+
+SET_MEMBER_ROLE = """
+mutation($org: ID!, $subject: String!, $role: Role!) {
+  setMemberRole(input: {organizationId: $org, subject: $subject, role: $role}) {
+    __typename
+    ... on MembershipChanged { organization { id members { subject role } } }
+    ... on UserError { code message }
+    ... on InvalidInput { field }
+  }
+}
+"""
+
+REMOVE_MEMBER = """
+mutation($org: ID!, $subject: String!) {
+  removeMember(input: {organizationId: $org, subject: $subject}) {
+    __typename
+    ... on MembershipChanged { organization { id members { subject role } } }
+    ... on UserError { code message }
+    ... on InvalidInput { field }
+  }
+}
+"""
+
+CREATE_API_KEY = """
+mutation($org: ID!, $name: String!, $scopes: [String!]!) {
+  createApiKey(input: {organizationId: $org, name: $name, scopes: $scopes}) {
+    __typename
+    ... on ApiKeyCreated { apiKeyId secret }
+    ... on UserError { code message }
+    ... on InvalidInput { field }
+  }
+}
+"""
+
+REVOKE_API_KEY = """
+mutation($key: ID!) {
+  revokeApiKey(input: {apiKeyId: $key}) {
+    __typename
+    ... on ApiKeyRevoked { apiKeyId }
+    ... on UserError { code message }
+    ... on InvalidInput { field }
+  }
+}
+"""
+
+
+async def add_member(
+    client: GraphQLClient,
+    organization_id: str,
+    *,
+    subject: str,
+    role: str,
+    as_: str,
+    email: str | None = None,
+) -> None:
+    variables = {"org": organization_id, "subject": subject, "email": email, "role": role}
+    result = (await client.data(ADD_MEMBER, variables, as_=as_))["addMember"]
+    assert result["__typename"] == "MembershipChanged", result
+
+
+async def create_api_key(
+    client: GraphQLClient, organization_id: str, *, scopes: list[str], as_: str, name: str = "back end"
+) -> tuple[str, str]:
+    """Creates a key; returns its global id and its secret."""
+    variables = {"org": organization_id, "name": name, "scopes": scopes}
+    result = (await client.data(CREATE_API_KEY, variables, as_=as_))["createApiKey"]
+    assert result["__typename"] == "ApiKeyCreated", result
+    return str(result["apiKeyId"]), str(result["secret"])
+
+
+TABLES = ("organizations", "users", "memberships", "api_keys", "audit_log")
+
+
+async def row_counts(app: Any) -> dict[str, int]:
+    """Rows per table of this issue, read through the app's own engine."""
+    async with app.state.services.engine.connect() as connection:
+        return {
+            table: int((await connection.execute(text(f"SELECT count(*) FROM {table}"))).scalar_one())  # noqa: S608
+            for table in TABLES
+        }
+
+
+async def snapshot(app: Any) -> dict[str, Any]:
+    """Everything a mutation of this issue could change, except API keys' last-used stamps
+    (authenticating with a key stamps it; that is not the mutation writing)."""
+    queries = {
+        "organizations": "SELECT id, name, slug FROM organizations ORDER BY id",
+        "users": "SELECT id, subject, email, name FROM users ORDER BY id",
+        "memberships": "SELECT organization_id, user_id, role FROM memberships ORDER BY 1, 2",
+        "api_keys": "SELECT id, name, prefix, scopes, revoked_at FROM api_keys ORDER BY id",
+        "audit_log": "SELECT id FROM audit_log ORDER BY id",
+    }
+    async with app.state.services.engine.connect() as connection:
+        return {
+            table: [tuple(row) for row in (await connection.execute(text(sql))).all()]
+            for table, sql in queries.items()
+        }

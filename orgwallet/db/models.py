@@ -130,7 +130,7 @@ class CreditLot(SQLModel, table=True):
     remaining: int = Field(sa_column=Column(BigInteger, nullable=False))
     priority: int = Field(sa_column=Column(SmallInteger, nullable=False))
     expires_at: datetime | None = _ts(nullable=True)
-    unit_cost_minor: int | None = Field(default=None, sa_column=Column(BigInteger))
+    cost_minor: int | None = Field(default=None, sa_column=Column(BigInteger))
     currency: str | None = None
     entry_id: uuid.UUID = _ref()
     created_at: datetime = _ts()

@@ -48,6 +48,16 @@ class IdempotencyConflict(UserError):
     pass
 
 
+@strawberry.type
+class ReservationNotOpen(UserError):
+    status: str = strawberry.field(description="open, captured, released or expired")
+
+
+@strawberry.type
+class NotRefundable(UserError):
+    pass
+
+
 class CodedError(GraphQLError):
     """A GraphQL error that clients may see (it passes the masking extension)."""
 
@@ -86,4 +96,8 @@ def user_error(error: errors.OrgWalletError) -> Any:
         return WalletSuspended(message=error.message, code=error.code)
     if isinstance(error, errors.IdempotencyConflict):
         return IdempotencyConflict(message=error.message, code=error.code)
+    if isinstance(error, errors.ReservationNotOpen):
+        return ReservationNotOpen(message=error.message, code=error.code, status=error.status.upper())
+    if isinstance(error, errors.NotRefundable):
+        return NotRefundable(message=error.message, code=error.code)
     raise error

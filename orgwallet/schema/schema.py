@@ -16,12 +16,14 @@ from strawberry.tools import merge_types
 
 from orgwallet.config import Settings
 from orgwallet.resolvers.organizations import OrganizationMutations, OrganizationQueries
+from orgwallet.resolvers.wallets import WalletMutations
 from orgwallet.schema.errors import CodedError
 from orgwallet.schema.scalars import SCALAR_MAP
 from orgwallet.schema.types import ApiKey
+from orgwallet.schema.wallets import CreditGrant, LedgerEntry, Reservation, Wallet
 
 Query = merge_types("Query", (OrganizationQueries,))
-Mutation = merge_types("Mutation", (OrganizationMutations,))
+Mutation = merge_types("Mutation", (OrganizationMutations, WalletMutations))
 
 
 def should_mask(error: GraphQLError) -> bool:
@@ -37,7 +39,7 @@ def build_schema(settings: Settings | None = None) -> strawberry.Schema:
     return strawberry.Schema(
         query=Query,
         mutation=Mutation,
-        types=[ApiKey],
+        types=[ApiKey, Wallet, CreditGrant, LedgerEntry, Reservation],
         config=StrawberryConfig(scalar_map=SCALAR_MAP),
         extensions=[
             # Factories: extensions keep per-operation state, so each request gets its own;

@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Iterable
 from datetime import datetime
 from enum import Enum
-from typing import Any, Self
+from typing import TYPE_CHECKING, Annotated, Any, Self
 
 import strawberry
 from sqlmodel import col
@@ -20,6 +20,10 @@ from orgwallet.schema.context import Info
 from orgwallet.services import access
 from orgwallet.services import api_keys as key_service
 from orgwallet.services import organizations as org_service
+from orgwallet.services import wallets as wallet_service
+
+if TYPE_CHECKING:
+    from orgwallet.schema.wallets import Wallet
 
 
 @strawberry.enum
@@ -67,20 +71,29 @@ class Organization(relay.Node):
         return cls(id=str(row.id), name=row.name, slug=row.slug, created_at=row.created_at)
 
     @property
-    def uuid(self) -> uuid.UUID:
+    def pk(self) -> uuid.UUID:
         return uuid.UUID(self.id)
 
     @strawberry.field
     async def members(self, info: Info) -> list[Member]:
         async with info.context.reading() as session:
-            rows = await org_service.list_members(session, self.uuid)
+            rows = await org_service.list_members(session, self.pk)
         return [Member(subject=u.subject, email=u.email, role=Role.of(r)) for u, r in rows]
+
+    @strawberry.field
+    async def wallet(self, info: Info) -> Annotated[Wallet, strawberry.lazy("orgwallet.schema.wallets")]:
+        from orgwallet.schema.wallets import Wallet
+
+        async with info.context.reading() as session:
+            await access.authorize(session, info.context.principal, self.pk, Permission.TOKENS_VIEW)
+            row = await wallet_service.read_wallet(session, info.context.sessions, self.pk)
+        return Wallet.of(row)
 
     @strawberry.field(description="API keys of the organization (never their secrets).")
     async def api_keys(self, info: Info) -> list[ApiKey]:
         async with info.context.reading() as session:
-            await access.authorize(session, info.context.principal, self.uuid, Permission.MEMBERS_MANAGE)
-            rows = await key_service.list_api_keys(session, self.uuid)
+            await access.authorize(session, info.context.principal, self.pk, Permission.MEMBERS_MANAGE)
+            rows = await key_service.list_api_keys(session, self.pk)
         return [ApiKey.of(row) for row in rows]
 
     @classmethod

@@ -15,7 +15,7 @@ from orgwallet.auth.principals import Principal, UserPrincipal
 from orgwallet.config import Settings
 from orgwallet.db.models import Membership, Organization, Role, User
 from orgwallet.errors import Conflict, Forbidden, NotFound
-from orgwallet.services import access, audit, validation
+from orgwallet.services import access, audit, validation, wallets
 
 
 async def ensure_user(
@@ -68,6 +68,7 @@ async def create_organization(
     user_id = await ensure_user(session, user.subject, user.email, user.name)
     session.add(Membership(organization_id=organization.id, user_id=user_id, role=Role.OWNER))
     await session.flush()
+    await wallets.open_wallet(session, principal, settings, organization.id)
     await audit.record(
         session,
         principal,
@@ -103,7 +104,7 @@ async def list_members(session: AsyncSession, organization_id: uuid.UUID) -> Seq
         .where(col(Membership.organization_id) == organization_id)
         .order_by(col(Membership.created_at), col(User.subject))
     )
-    return [(user, Role(role)) for user, role in rows.tuples()]
+    return [(user, Role(role)) for user, role in rows]
 
 
 async def viewer_memberships(
@@ -116,7 +117,7 @@ async def viewer_memberships(
         .where(col(User.subject) == principal.subject)
         .order_by(col(Organization.created_at))
     )
-    return [(org, Role(role)) for org, role in rows.tuples()]
+    return [(org, Role(role)) for org, role in rows]
 
 
 async def _lock_members(session: AsyncSession, organization_id: uuid.UUID) -> dict[str, Role]:
@@ -129,7 +130,7 @@ async def _lock_members(session: AsyncSession, organization_id: uuid.UUID) -> di
         .join(Membership, col(Membership.user_id) == col(User.id))
         .where(col(Membership.organization_id) == organization_id)
     )
-    return {subject: Role(role) for subject, role in rows.tuples()}
+    return {subject: Role(role) for subject, role in rows}
 
 
 def _check_owner_change(granted: access.Access, *roles: Role) -> None:

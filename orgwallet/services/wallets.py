@@ -1,0 +1,368 @@
+"""Wallet operations as callers see them: authorize, validate, then call the ledger.
+
+Reads are built from the principal's access like every other organization read."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlmodel import col, select
+
+from orgwallet import ledger
+from orgwallet.auth.permissions import Permission
+from orgwallet.auth.principals import Principal
+from orgwallet.config import Settings
+from orgwallet.db.engine import transaction
+from orgwallet.db.models import CreditLot, LedgerEntry, Reservation, Wallet, WalletStatus
+from orgwallet.errors import InvalidInput, NotFound
+from orgwallet.ledger import EntryKind, GrantSource
+from orgwallet.services import access, audit, validation
+
+MAX_TTL_SECONDS = 7 * 24 * 3600
+MAX_PAGE = 500
+
+
+async def open_wallet(
+    session: AsyncSession, principal: Principal, settings: Settings, organization_id: uuid.UUID
+) -> uuid.UUID:
+    """The new organization's wallet, with its trial grant when one is configured."""
+    wallet_id = await ledger.open_wallet(session, organization_id)
+    if settings.trial_tokens > 0:
+        await ledger.credit(
+            session,
+            wallet_id,
+            amount=settings.trial_tokens,
+            source=GrantSource.TRIAL,
+            actor=principal.actor,
+            key="trial",
+            expires_at=datetime.now(UTC) + timedelta(days=settings.trial_days),
+            reason="trial grant",
+        )
+    return wallet_id
+
+
+async def wallet_id_of(session: AsyncSession, organization_id: uuid.UUID) -> uuid.UUID:
+    wallet_id = await session.scalar(
+        select(col(Wallet.id)).where(col(Wallet.organization_id) == organization_id)
+    )
+    if wallet_id is None:
+        raise NotFound("wallet not found")
+    return wallet_id
+
+
+def _reason(value: str | None) -> str | None:
+    return validation.text(value, "reason", max_length=1000, required=False) or None
+
+
+def _metadata(value: Any) -> Any:
+    if value is not None and not isinstance(value, dict):
+        raise InvalidInput("metadata must be a JSON object", field="metadata")
+    return value
+
+
+async def consume_tokens(
+    session: AsyncSession,
+    principal: Principal,
+    organization_id: uuid.UUID,
+    *,
+    amount: object,
+    key: str,
+    reason: str | None = None,
+    metadata: Any = None,
+) -> ledger.Posting:
+    await access.authorize(session, principal, organization_id, Permission.TOKENS_CONSUME)
+    tokens = validation.token_amount(amount)
+    key = validation.idempotency_key(key)
+    wallet_id = await wallet_id_of(session, organization_id)
+    return await ledger.consume(
+        session,
+        wallet_id,
+        amount=tokens,
+        key=key,
+        actor=principal.actor,
+        reason=_reason(reason),
+        metadata=_metadata(metadata),
+    )
+
+
+async def reserve_tokens(
+    session: AsyncSession,
+    principal: Principal,
+    organization_id: uuid.UUID,
+    *,
+    amount: object,
+    key: str,
+    ttl_seconds: int,
+    reason: str | None = None,
+) -> ledger.Posting:
+    await access.authorize(session, principal, organization_id, Permission.TOKENS_CONSUME)
+    tokens = validation.token_amount(amount)
+    key = validation.idempotency_key(key)
+    if not 1 <= ttl_seconds <= MAX_TTL_SECONDS:
+        raise InvalidInput(f"ttlSeconds must be between 1 and {MAX_TTL_SECONDS}", field="ttlSeconds")
+    wallet_id = await wallet_id_of(session, organization_id)
+    return await ledger.reserve(
+        session,
+        wallet_id,
+        amount=tokens,
+        key=key,
+        ttl_seconds=ttl_seconds,
+        actor=principal.actor,
+        reason=_reason(reason),
+    )
+
+
+async def _organization_of(session: AsyncSession, table: str, object_id: uuid.UUID) -> uuid.UUID | None:
+    organization_id: uuid.UUID | None = await session.scalar(
+        text(
+            f"SELECT w.organization_id FROM {table} t JOIN wallets w ON w.id = t.wallet_id "  # noqa: S608
+            "WHERE t.id = :id"
+        ),
+        {"id": object_id},
+    )
+    return organization_id
+
+
+async def _authorize_on(
+    session: AsyncSession, principal: Principal, table: str, object_id: uuid.UUID, what: str
+) -> None:
+    """Authorizes tokens.consume in the organization owning a reservation or entry; one of
+    another organization is not found."""
+    organization_id = await _organization_of(session, table, object_id)
+    if organization_id is None:
+        raise NotFound(f"{what} not found")
+    try:
+        await access.authorize(session, principal, organization_id, Permission.TOKENS_CONSUME)
+    except NotFound as exc:
+        raise NotFound(f"{what} not found") from exc
+
+
+async def capture_reservation(
+    session: AsyncSession,
+    principal: Principal,
+    reservation_id: uuid.UUID,
+    *,
+    amount: object | None,
+    key: str | None,
+) -> ledger.Posting:
+    await _authorize_on(session, principal, "reservations", reservation_id, "reservation")
+    tokens = None if amount is None else validation.token_amount(amount)
+    key = None if key is None else validation.idempotency_key(key)
+    return await ledger.capture(session, reservation_id, amount=tokens, key=key, actor=principal.actor)
+
+
+async def release_reservation(
+    session: AsyncSession, principal: Principal, reservation_id: uuid.UUID
+) -> ledger.Posting:
+    await _authorize_on(session, principal, "reservations", reservation_id, "reservation")
+    return await ledger.release(session, reservation_id, actor=principal.actor)
+
+
+async def refund_consumption(
+    session: AsyncSession,
+    principal: Principal,
+    entry_id: uuid.UUID,
+    *,
+    amount: object | None,
+    reason: str | None,
+    key: str | None,
+) -> ledger.Posting:
+    await _authorize_on(session, principal, "ledger_entries", entry_id, "ledger entry")
+    tokens = None if amount is None else validation.token_amount(amount)
+    key = None if key is None else validation.idempotency_key(key)
+    return await ledger.refund(
+        session, entry_id, amount=tokens, key=key, reason=_reason(reason), actor=principal.actor
+    )
+
+
+async def grant_tokens(
+    session: AsyncSession,
+    principal: Principal,
+    organization_id: uuid.UUID,
+    *,
+    amount: object,
+    reason: str,
+    expires_at: datetime | None,
+    priority: int | None,
+    key: str | None,
+) -> ledger.Posting:
+    access.require_platform_admin(principal)
+    tokens = validation.token_amount(amount)
+    text_reason = validation.text(reason, "reason", max_length=1000)
+    if expires_at is not None and expires_at.tzinfo is None:
+        raise InvalidInput("expiresAt must carry a time zone", field="expiresAt")
+    if expires_at is not None and expires_at <= datetime.now(UTC):
+        raise InvalidInput("expiresAt must be in the future", field="expiresAt")
+    if priority is not None and not 0 <= priority <= 1000:
+        raise InvalidInput("priority must be between 0 and 1000", field="priority")
+    key = None if key is None else validation.idempotency_key(key)
+    wallet_id = await wallet_id_of(session, organization_id)
+    posting = await ledger.credit(
+        session,
+        wallet_id,
+        amount=tokens,
+        source=GrantSource.ADMIN,
+        actor=principal.actor,
+        key=key,
+        priority=priority,
+        expires_at=expires_at,
+        reason=text_reason,
+    )
+    if not posting.replayed:
+        await audit.record(
+            session,
+            principal,
+            action="wallet.grant",
+            organization_id=organization_id,
+            target_type="wallet",
+            target_id=wallet_id,
+            after={
+                "amount": tokens,
+                "reason": text_reason,
+                "entry": str(posting.entry.id if posting.entry else ""),
+            },
+        )
+    return posting
+
+
+async def set_wallet_status(
+    session: AsyncSession,
+    principal: Principal,
+    organization_id: uuid.UUID,
+    *,
+    status: WalletStatus,
+    reason: str,
+) -> ledger.WalletState:
+    access.require_platform_admin(principal)
+    text_reason = validation.text(reason, "reason", max_length=1000)
+    wallet_id = await wallet_id_of(session, organization_id)
+    before = await session.scalar(select(col(Wallet.status)).where(col(Wallet.id) == wallet_id))
+    state = await ledger.set_status(session, wallet_id, status.value)
+    if before != status.value:
+        await audit.record(
+            session,
+            principal,
+            action="wallet.suspend" if status == WalletStatus.SUSPENDED else "wallet.reactivate",
+            organization_id=organization_id,
+            target_type="wallet",
+            target_id=wallet_id,
+            before={"status": before},
+            after={"status": status.value, "reason": text_reason},
+        )
+    return state
+
+
+# ---------------------------------------------------------------- reads
+
+
+async def read_wallet(
+    session: AsyncSession, sessions: async_sessionmaker[AsyncSession], organization_id: uuid.UUID
+) -> Wallet:
+    """The organization's wallet. When a reservation or lot is past due, it is settled first
+    (in its own short transaction), so a read never shows tokens that already went back."""
+    row = (
+        await session.execute(
+            text(
+                """
+                SELECT w.id,
+                       EXISTS (SELECT 1 FROM reservations r
+                               WHERE r.wallet_id = w.id AND r.status = 'open' AND r.expires_at <= now())
+                    OR EXISTS (SELECT 1 FROM credit_lots l
+                               WHERE l.wallet_id = w.id AND l.remaining > 0 AND l.expires_at <= now()) AS due
+                FROM wallets w WHERE w.organization_id = :org
+                """
+            ),
+            {"org": organization_id},
+        )
+    ).one_or_none()
+    if row is None:
+        raise NotFound("wallet not found")
+    if row.due:
+        async with transaction(sessions) as writer:
+            await ledger.settle(writer, row.id)
+        await session.rollback()  # a fresh snapshot that sees the settlement
+    statement = select(Wallet).where(col(Wallet.id) == row.id).execution_options(populate_existing=True)
+    return (await session.execute(statement)).scalars().one()
+
+
+async def grants(session: AsyncSession, wallet_id: uuid.UUID) -> list[CreditLot]:
+    """Lots with tokens remaining and not expired, in draw-down order."""
+    rows = await session.execute(
+        select(CreditLot)
+        .where(
+            col(CreditLot.wallet_id) == wallet_id,
+            col(CreditLot.remaining) > 0,
+            (col(CreditLot.expires_at).is_(None)) | (col(CreditLot.expires_at) > text("now()")),
+        )
+        .order_by(
+            col(CreditLot.priority),
+            col(CreditLot.expires_at).asc().nulls_last(),
+            col(CreditLot.created_at),
+            col(CreditLot.id),
+        )
+    )
+    return list(rows.scalars())
+
+
+async def expiring_soon(session: AsyncSession, wallet_id: uuid.UUID, days: int) -> int:
+    if not 0 <= days <= 3650:
+        raise InvalidInput("days must be between 0 and 3650", field="days")
+    total = await session.scalar(
+        text(
+            """
+            SELECT coalesce(sum(remaining), 0) FROM credit_lots
+            WHERE wallet_id = :wallet AND remaining > 0
+              AND expires_at > now() AND expires_at <= now() + make_interval(days => :days)
+            """
+        ),
+        {"wallet": wallet_id, "days": days},
+    )
+    return int(total or 0)
+
+
+@dataclass(frozen=True, slots=True)
+class EntryPage:
+    entries: list[LedgerEntry]
+    has_next: bool
+
+
+async def ledger_page(
+    session: AsyncSession,
+    wallet_id: uuid.UUID,
+    *,
+    first: int,
+    after_seq: int | None,
+    kinds: list[EntryKind] | None,
+    since: datetime | None,
+    until: datetime | None,
+) -> EntryPage:
+    """Newest first, keyed on the wallet's gap-free entry sequence: a page never shifts
+    when new entries arrive."""
+    if not 0 <= first <= MAX_PAGE:
+        raise InvalidInput(f"first must be between 0 and {MAX_PAGE}", field="first")
+    statement = select(LedgerEntry).where(col(LedgerEntry.wallet_id) == wallet_id)
+    if after_seq is not None:
+        statement = statement.where(col(LedgerEntry.seq) < after_seq)
+    if kinds:
+        statement = statement.where(col(LedgerEntry.kind).in_([k.value for k in kinds]))
+    if since is not None:
+        statement = statement.where(col(LedgerEntry.created_at) >= since)
+    if until is not None:
+        statement = statement.where(col(LedgerEntry.created_at) < until)
+    rows = list(
+        (await session.execute(statement.order_by(col(LedgerEntry.seq).desc()).limit(first + 1))).scalars()
+    )
+    return EntryPage(entries=rows[:first], has_next=len(rows) > first)
+
+
+async def reservation(session: AsyncSession, reservation_id: uuid.UUID) -> Reservation | None:
+    return await session.get(Reservation, reservation_id)
+
+
+async def entry(session: AsyncSession, entry_id: uuid.UUID) -> LedgerEntry | None:
+    return await session.get(LedgerEntry, entry_id)
