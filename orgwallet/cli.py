@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from typing import Annotated
 
 import typer
@@ -75,6 +76,94 @@ def token(
     from orgwallet.auth.tokens import mint_token
 
     typer.echo(mint_token(Settings(), subject=sub, email=email, admin=admin, ttl_seconds=ttl))
+
+
+def _database_url() -> str:
+    settings = Settings()
+    if settings.database_url:
+        return settings.database_url
+    return prepare_database(settings)
+
+
+async def _check(url: str) -> dict[uuid.UUID, list[str]]:
+    from orgwallet import ledger
+    from orgwallet.db.engine import create_engine, session_factory
+
+    engine = create_engine(url, pool_size=1)
+    try:
+        async with session_factory(engine)() as session:
+            return await ledger.violations(session)
+    finally:
+        await engine.dispose()
+
+
+@cli.command()
+def check() -> None:
+    """Verify the ledger invariants of every wallet; exit 1 naming each broken wallet."""
+    import asyncio
+
+    broken = asyncio.run(_check(_database_url()))
+    for wallet_id, problems in broken.items():
+        for problem in problems:
+            typer.echo(f"wallet {wallet_id}: {problem}", err=True)
+    if broken:
+        typer.echo(f"{len(broken)} wallet(s) broken", err=True)
+        raise typer.Exit(1)
+    typer.echo("ledger ok")
+
+
+async def _expire(url: str) -> int:
+    from orgwallet import ledger
+    from orgwallet.db.engine import create_engine, session_factory, transaction
+
+    engine = create_engine(url, pool_size=1)
+    sessions = session_factory(engine)
+    settled = 0
+    try:
+        while True:
+            async with sessions() as session:
+                due = await ledger.due_wallets(session)
+            if not due:
+                return settled
+            for wallet_id in due:
+                # One short transaction per wallet: the lock is held only for its own sweep.
+                async with transaction(sessions) as session:
+                    await ledger.settle(session, wallet_id)
+                settled += 1
+    finally:
+        await engine.dispose()
+
+
+@cli.command()
+def expire() -> None:
+    """Sweep expired credit lots and reservations now (the worker will do it on a schedule)."""
+    import asyncio
+
+    settled = asyncio.run(_expire(_database_url()))
+    typer.echo(f"settled {settled} wallet(s)")
+
+
+@cli.command()
+def bench(
+    quick: Annotated[bool, typer.Option("--quick", help="A run of about two minutes")] = False,
+    smoke: Annotated[
+        bool, typer.Option("--smoke", help="A few seconds, for CI: it runs, the ledger holds")
+    ] = False,
+    output: Annotated[str | None, typer.Option(help="Where to write the results (JSON)")] = None,
+) -> None:
+    """Load benchmark against PostgreSQL's own limit (bench/, PERFORMANCE.md): one table and
+    bench/results.json. Starts its own PostgreSQL unless ORGWALLET_DATABASE_URL is set."""
+    import importlib
+
+    try:
+        # Imported by name: bench/ is tooling beside the package, not part of it (nor of mypy's run).
+        run_bench = importlib.import_module("bench.main").main
+    except ImportError as exc:  # an installed wheel carries no bench/: it lives in the repository
+        raise typer.BadParameter("run it from the repository (bench/ is not installed)") from exc
+    argv = ["--quick"] if quick else ["--smoke"] if smoke else []
+    if output:
+        argv += ["--output", output]
+    raise typer.Exit(run_bench(argv))
 
 
 @cli.command("print-schema")

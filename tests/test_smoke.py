@@ -30,7 +30,8 @@ async def test_wallet_consume(client: GraphQLClient) -> None:
     data = await client.data(
         """query($id: ID!) { organization(id: $id) { wallet { balance lifetimeGranted lifetimeConsumed
           grants { source amount remaining } expiringSoon(days: 31)
-          ledger(first: 10) { edges { cursor node { kind amount balanceAfter } } pageInfo { hasNextPage } } } } }""",
+          ledger(first: 10) { edges { cursor node { kind amount balanceAfter } }
+          pageInfo { hasNextPage } } } } }""",
         {"id": org_id},
         as_="bob",
     )

@@ -133,6 +133,8 @@ class CreditLot(SQLModel, table=True):
     cost_minor: int | None = Field(default=None, sa_column=Column(BigInteger))
     currency: str | None = None
     entry_id: uuid.UUID = _ref()
+    seq: int = Field(sa_column=Column(BigInteger, nullable=False))
+    origin_lot_id: uuid.UUID | None = _ref(nullable=True)
     created_at: datetime = _ts()
 
 

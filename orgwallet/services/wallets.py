@@ -302,8 +302,7 @@ async def grants(session: AsyncSession, wallet_id: uuid.UUID) -> list[CreditLot]
         .order_by(
             col(CreditLot.priority),
             col(CreditLot.expires_at).asc().nulls_last(),
-            col(CreditLot.created_at),
-            col(CreditLot.id),
+            col(CreditLot.seq),
         )
     )
     return list(rows.scalars())

@@ -72,6 +72,11 @@ CREATE TABLE credit_lots (
   id          uuid PRIMARY KEY DEFAULT uuid_v7(),
   wallet_id   uuid NOT NULL REFERENCES wallets(id),
   entry_id    uuid NOT NULL REFERENCES ledger_entries(id),
+  -- Creation order. Writers of one wallet are serialized by its lock, so within a wallet
+  -- this orders lots by age without ties.
+  seq         bigint GENERATED ALWAYS AS IDENTITY,
+  -- For a lot made by a refund whose tokens came from a lot that has since expired.
+  origin_lot_id uuid REFERENCES credit_lots(id),
   source      text NOT NULL CHECK (source IN ('purchase', 'subscription', 'trial', 'admin', 'refund')),
   amount      bigint NOT NULL CHECK (amount > 0),
   remaining   bigint NOT NULL CHECK (remaining >= 0 AND remaining <= amount),
@@ -83,7 +88,7 @@ CREATE TABLE credit_lots (
   CHECK ((cost_minor IS NULL) = (currency IS NULL))
 );
 -- Draw-down order: priority, then soonest expiry (no expiry last), then oldest.
-CREATE INDEX credit_lots_drawable ON credit_lots (wallet_id, priority, expires_at, created_at, id)
+CREATE INDEX credit_lots_drawable ON credit_lots (wallet_id, priority, expires_at, seq)
   WHERE remaining > 0;
 
 CREATE TABLE ledger_allocations (
@@ -202,7 +207,7 @@ BEGIN
   FOR lot IN
     SELECT id, remaining FROM credit_lots
     WHERE wallet_id = p_wallet AND remaining > 0 AND (expires_at IS NULL OR expires_at > p_now)
-    ORDER BY priority, expires_at, created_at, id
+    ORDER BY priority, expires_at, seq
     FOR UPDATE
   LOOP
     take := least(lot.remaining, need);
@@ -220,14 +225,14 @@ END $$;
 -- Creates a lot holding p_amount for entry p_entry.
 CREATE FUNCTION ledger_new_lot(p_wallet uuid, p_entry uuid, p_source text, p_amount bigint,
                                p_priority smallint, p_expires_at timestamptz, p_cost_minor bigint,
-                               p_currency text, p_now timestamptz)
+                               p_currency text, p_origin_lot uuid, p_now timestamptz)
 RETURNS uuid LANGUAGE plpgsql AS $$
 DECLARE
   lot_id uuid;
 BEGIN
-  INSERT INTO credit_lots (wallet_id, entry_id, source, amount, remaining, priority, expires_at,
-                           cost_minor, currency, created_at)
-  VALUES (p_wallet, p_entry, p_source, p_amount, p_amount, p_priority, p_expires_at,
+  INSERT INTO credit_lots (wallet_id, entry_id, origin_lot_id, source, amount, remaining, priority,
+                           expires_at, cost_minor, currency, created_at)
+  VALUES (p_wallet, p_entry, p_origin_lot, p_source, p_amount, p_amount, p_priority, p_expires_at,
           p_cost_minor, p_currency, p_now)
   RETURNING id INTO lot_id;
   INSERT INTO ledger_allocations (entry_id, lot_id, amount) VALUES (p_entry, lot_id, p_amount);
@@ -235,37 +240,37 @@ BEGIN
 END $$;
 
 -- Gives p_amount back to the lots that p_origin drew from (net of what entries referencing
--- p_refs already gave back), last drawn first. Tokens whose lot has expired go to one new
--- lot when p_new_lot_if_expired (refunds), or back to the expired lot to be swept (releases).
+-- p_refs already gave back), last drawn first. Tokens whose lot has expired go to a new lot
+-- (one per expired lot, remembering it as its origin) when p_new_lot_if_expired (refunds),
+-- or back to the expired lot, to be swept (releases: a hold never extends a token's life).
 CREATE FUNCTION ledger_give_back(p_wallet uuid, p_entry uuid, p_origin uuid, p_refs uuid[],
                                  p_amount bigint, p_new_lot_if_expired boolean, p_now timestamptz)
 RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
   need bigint := p_amount;
   give bigint;
-  to_new_lot bigint := 0;
-  new_priority smallint;
   lot record;
 BEGIN
   FOR lot IN
     SELECT l.id, l.priority, l.expires_at, net.drawn
     FROM (
-      SELECT a.lot_id, -sum(a.amount) AS drawn
+      -- What went back to a refund lot counts as given back to the lot it stands in for.
+      SELECT coalesce(src.origin_lot_id, src.id) AS lot_id, -sum(a.amount) AS drawn
       FROM ledger_allocations a
+      JOIN credit_lots src ON src.id = a.lot_id
       WHERE a.entry_id = p_origin
          OR a.entry_id IN (SELECT e.id FROM ledger_entries e
                            WHERE e.reference_id = ANY (p_refs) AND e.wallet_id = p_wallet AND e.amount > 0)
-      GROUP BY a.lot_id
+      GROUP BY 1
     ) net
     JOIN credit_lots l ON l.id = net.lot_id
     WHERE net.drawn > 0
-    ORDER BY l.priority DESC, l.expires_at DESC NULLS FIRST, l.created_at DESC, l.id DESC
+    ORDER BY l.priority DESC, l.expires_at DESC NULLS FIRST, l.seq DESC
     FOR UPDATE OF l
   LOOP
     give := least(lot.drawn, need);
     IF p_new_lot_if_expired AND lot.expires_at IS NOT NULL AND lot.expires_at <= p_now THEN
-      to_new_lot := to_new_lot + give;
-      new_priority := coalesce(new_priority, lot.priority);
+      PERFORM ledger_new_lot(p_wallet, p_entry, 'refund', give, lot.priority, NULL, NULL, NULL, lot.id, p_now);
     ELSE
       UPDATE credit_lots SET remaining = remaining + give WHERE id = lot.id;
       INSERT INTO ledger_allocations (entry_id, lot_id, amount) VALUES (p_entry, lot.id, give);
@@ -276,9 +281,6 @@ BEGIN
   IF need > 0 THEN
     RAISE EXCEPTION 'ledger invariant broken: entry % drew % tokens fewer than are given back', p_origin, need
       USING ERRCODE = 'data_exception';
-  END IF;
-  IF to_new_lot > 0 THEN
-    PERFORM ledger_new_lot(p_wallet, p_entry, 'refund', to_new_lot, new_priority, NULL, NULL, NULL, p_now);
   END IF;
 END $$;
 
@@ -293,7 +295,7 @@ BEGIN
   FOR lot IN
     SELECT id, remaining FROM credit_lots
     WHERE wallet_id = p_wallet AND remaining > 0 AND expires_at <= p_now
-    ORDER BY priority, expires_at, created_at, id
+    ORDER BY priority, expires_at, seq
     FOR UPDATE
   LOOP
     e := ledger_append(p_wallet, 'expiration', -lot.remaining, 0, NULL, NULL, 'credit expired', NULL,
@@ -412,7 +414,7 @@ BEGIN
   END IF;
   e := ledger_append(p_wallet, p_kind, p_amount, 0, p_key, fp, p_reason, p_metadata, p_actor, p_reference, p_now);
   PERFORM ledger_new_lot(p_wallet, e.id, p_source, p_amount, p_priority, p_expires_at, p_cost_minor,
-                         p_currency, p_now);
+                         p_currency, NULL, p_now);
   IF p_expires_at IS NOT NULL AND p_expires_at <= p_now THEN
     PERFORM ledger_sweep_lots(p_wallet, p_now);
   END IF;
@@ -731,7 +733,7 @@ DROP FUNCTION ledger_violations(uuid), ledger_set_status(uuid, text, timestamptz
   ledger_open(uuid, timestamptz), ledger_unhold(uuid, reservations, bigint, text, text, timestamptz),
   ledger_sweep_lots(uuid, timestamptz),
   ledger_give_back(uuid, uuid, uuid, uuid[], bigint, boolean, timestamptz),
-  ledger_new_lot(uuid, uuid, text, bigint, smallint, timestamptz, bigint, text, timestamptz),
+  ledger_new_lot(uuid, uuid, text, bigint, smallint, timestamptz, bigint, text, uuid, timestamptz),
   ledger_draw(uuid, uuid, bigint, timestamptz),
   ledger_append(uuid, text, bigint, bigint, text, uuid, text, jsonb, text, uuid, timestamptz),
   ledger_fingerprint(text, bigint, text, jsonb, text);
