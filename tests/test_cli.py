@@ -1,0 +1,62 @@
+"""The command line: `orgwallet check` names a broken wallet and fails; `token` mints."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+
+import jwt
+from sqlalchemy import text
+from typer.testing import CliRunner
+
+from orgwallet.cli import cli
+from orgwallet.db.engine import create_engine, session_factory, transaction
+
+
+def run_sql(database_url: str, *statements: str) -> list[object]:
+    """Runs statements in one transaction and returns each one's first column of the first row."""
+
+    async def go() -> list[object]:
+        engine = create_engine(database_url, pool_size=1)
+        try:
+            async with transaction(session_factory(engine)) as s:
+                results = [await s.execute(text(sql)) for sql in statements]
+                return [r.scalar() if r.returns_rows else None for r in results]
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(go())
+
+
+def test_check_passes_then_names_a_broken_wallet(database_url: str) -> None:
+    runner = CliRunner()
+    env = {"ORGWALLET_DATABASE_URL": database_url}
+    [_, wallet, _] = run_sql(
+        database_url,
+        "INSERT INTO organizations (name, slug) VALUES ('A', 'a')",
+        "INSERT INTO wallets (organization_id) SELECT id FROM organizations RETURNING id",
+        "SELECT outcome FROM ledger_credit((SELECT id FROM wallets), 'admin_grant', 'admin', 5, 10::smallint,"
+        " NULL, NULL, NULL, 'k', 'r', NULL, 'test', NULL, now())",
+    )
+    ok = runner.invoke(cli, ["check"], env=env)
+    assert ok.exit_code == 0, ok.output
+    assert "ledger ok" in ok.output
+    run_sql(database_url, "UPDATE wallets SET balance = 6")
+    broken = runner.invoke(cli, ["check"], env=env)
+    assert broken.exit_code == 1
+    assert f"wallet {wallet}" in broken.output and "sum of lots remaining" in broken.output
+
+
+def test_token_mints_a_verifiable_jwt() -> None:
+    out = subprocess.run(
+        ["uv", "run", "orgwallet", "token", "--sub", "alice", "--email", "a@x.io", "--admin", "--ttl", "60"],
+        capture_output=True,
+        text=True,
+        env={"ORGWALLET_JWT_SECRET": "s" * 40, "PATH": os.environ["PATH"]},
+        check=True,
+        timeout=60,
+    )
+    claims = jwt.decode(out.stdout.strip(), "s" * 40, algorithms=["HS256"], audience="orgwallet")
+    assert claims["sub"] == "alice" and claims["email"] == "a@x.io" and claims["orgwallet_admin"] is True
+    assert claims["exp"] - claims["iat"] == 60
