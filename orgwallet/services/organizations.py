@@ -45,6 +45,9 @@ async def get_organization(
     return (await session.execute(statement)).scalars().one_or_none()
 
 
+DERIVED_SLUG_ATTEMPTS = 5
+
+
 async def create_organization(
     session: AsyncSession,
     principal: Principal,
@@ -55,14 +58,21 @@ async def create_organization(
 ) -> Organization:
     user = access.require_user(principal)
     name = validation.text(name, "name")
-    slug = validation.slug(slug) if slug else await _free_slug(session, validation.slugify(name))
-    inserted = await session.execute(
-        insert(Organization)
-        .values(id=uuid.uuid4(), name=name, slug=slug)
-        .on_conflict_do_nothing(index_elements=["slug"])
-        .returning(Organization)
-    )
-    organization = inserted.scalar_one_or_none()
+    given = validation.slug(slug) if slug else None
+    organization: Organization | None = None
+    # A derived slug that a concurrent request takes between our look and our insert is
+    # derived again (the insert waited for that request, so the next look sees its slug).
+    for _ in range(DERIVED_SLUG_ATTEMPTS):
+        slug = given or await _free_slug(session, validation.slugify(name))
+        inserted = await session.execute(
+            insert(Organization)
+            .values(id=uuid.uuid4(), name=name, slug=slug)
+            .on_conflict_do_nothing(index_elements=["slug"])
+            .returning(Organization)
+        )
+        organization = inserted.scalar_one_or_none()
+        if organization is not None or given:
+            break
     if organization is None:
         raise Conflict(f"slug {slug!r} is taken", code="SLUG_TAKEN")
     user_id = await ensure_user(session, user.subject, user.email, user.name)

@@ -26,7 +26,8 @@ def text(value: str | None, field: str, *, max_length: int = 200, required: bool
 
 
 def slug(value: str, field: str = "slug") -> str:
-    if not SLUG_RE.match(value):
+    # fullmatch: with match, "$" also matches before a final newline ("acme\n").
+    if not SLUG_RE.fullmatch(value):
         raise InvalidInput(f"{field} must be 1 to 64 lowercase letters, digits or inner dashes", field=field)
     return value
 
@@ -39,7 +40,7 @@ def slugify(name: str) -> str:
 def email(value: str | None, field: str = "email") -> str | None:
     if value is None or value == "":
         return None
-    if len(value) > 320 or not EMAIL_RE.match(value):
+    if len(value) > 320 or not EMAIL_RE.fullmatch(value):
         raise InvalidInput(f"{field} is not an e-mail address", field=field)
     return value
 
