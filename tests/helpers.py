@@ -180,6 +180,9 @@ async def snapshot(app: Any) -> dict[str, Any]:
         "memberships": "SELECT organization_id, user_id, role FROM memberships ORDER BY 1, 2",
         "api_keys": "SELECT id, name, prefix, scopes, revoked_at FROM api_keys ORDER BY id",
         "audit_log": "SELECT id FROM audit_log ORDER BY id",
+        "wallets": "SELECT id, status, balance, reserved, entry_seq FROM wallets ORDER BY id",
+        "credit_lots": "SELECT id, remaining FROM credit_lots ORDER BY id",
+        "reservations": "SELECT id, status FROM reservations ORDER BY id",
     }
     async with app.state.services.engine.connect() as connection:
         return {

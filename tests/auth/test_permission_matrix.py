@@ -25,14 +25,17 @@ import pytest
 from fastapi import FastAPI
 from strawberry.relay import GlobalID
 
+from orgwallet import ledger
 from orgwallet.app import create_app
 from orgwallet.auth.permissions import API_KEY_SCOPES, ROLE_PERMISSIONS, Permission
 from orgwallet.auth.principals import UserPrincipal
 from orgwallet.config import Settings
 from orgwallet.db.engine import transaction
 from orgwallet.db.models import Role
+from orgwallet.ledger import GrantSource
 from orgwallet.services import api_keys as key_service
 from orgwallet.services import organizations as org_service
+from orgwallet.services import wallets as wallet_service
 from tests.conftest import TEMPLATE, Postgres
 from tests.helpers import (
     ADD_MEMBER,
@@ -107,6 +110,8 @@ class World:
     target: str  # a MEMBER of A
     newcomer: str  # not a member of anything yet
     bearers: dict[str, str | None]
+    reservation: str  # an open reservation of A's wallet
+    consumption: str  # a consumption entry of A's wallet
 
 
 _worlds = itertools.count()
@@ -152,6 +157,13 @@ async def build_world(app: FastAPI, client: GraphQLClient) -> World:
         spare, _ = await key_service.create_api_key(
             session, owner, org.id, name="spare", scopes=["tokens.view"]
         )
+        wallet_id = await wallet_service.wallet_id_of(session, org.id)
+        await ledger.credit(session, wallet_id, amount=100, source=GrantSource.ADMIN, actor="matrix")
+        held = await ledger.reserve(
+            session, wallet_id, amount=5, key="held", ttl_seconds=3600, actor="matrix"
+        )
+        spent = await ledger.consume(session, wallet_id, amount=2, key="spent", actor="matrix")
+        assert held.reservation_id is not None and spent.entry is not None
     for principal in (*ROLE_MEMBERS, OUTSIDER, STAFF):
         bearers[principal] = client.token(subjects[principal])
     bearers[STAFF_BY_CLAIM] = client.token(STAFF_BY_CLAIM_SUBJECT, admin=True)
@@ -165,6 +177,8 @@ async def build_world(app: FastAPI, client: GraphQLClient) -> World:
         target=target,
         newcomer=newcomer,
         bearers=bearers,
+        reservation=str(GlobalID("Reservation", str(held.reservation_id))),
+        consumption=str(GlobalID("LedgerEntry", str(spent.entry.id))),
     )
 
 
@@ -221,6 +235,8 @@ class Operation:
     path: tuple[str, ...]
     #: outcome -> the principals that get it; every principal exactly once
     expect: Mapping[str, Collection[str]]
+    #: audit rows a successful call adds (token movements are recorded by the ledger itself)
+    audit_rows: int = 1
 
     @property
     def is_mutation(self) -> bool:
@@ -377,6 +393,85 @@ OPERATIONS = [
 ]
 
 
+#: An operation on A's tokens that needs tokens.consume.
+CONSUMING = {
+    OK: (OWNER, ADMIN, MEMBER, KEY_CONSUME, *PLATFORM_ADMINS),
+    FORBIDDEN: (BILLING, VIEWER, KEY_NO_SCOPE, KEY_VIEW, KEY_PURCHASE, KEY_CONFIGURE),
+    NOT_FOUND: (OUTSIDER, FOREIGN_KEY),
+    UNAUTHENTICATED: (ANONYMOUS,),
+}
+#: What only platform staff may do.
+STAFF_ONLY = {
+    OK: PLATFORM_ADMINS,
+    FORBIDDEN: tuple(p for p in EVERYONE_SIGNED_IN if p not in PLATFORM_ADMINS),
+    UNAUTHENTICATED: (ANONYMOUS,),
+}
+#: Reading A's tokens (tokens.view): a query, so "not found" is null.
+VIEWING = {
+    OK: (*ROLE_MEMBERS, KEY_VIEW, *PLATFORM_ADMINS),
+    FORBIDDEN: (KEY_NO_SCOPE, KEY_CONSUME, KEY_PURCHASE, KEY_CONFIGURE),
+    NULL: (OUTSIDER, FOREIGN_KEY),
+    UNAUTHENTICATED: (ANONYMOUS,),
+}
+#: Fetching one of A's ledger objects by global id: invisible is null, never an error.
+NODE_VIEWING = {
+    OK: (*ROLE_MEMBERS, KEY_VIEW, *PLATFORM_ADMINS),
+    NULL: (KEY_NO_SCOPE, KEY_CONSUME, KEY_PURCHASE, KEY_CONFIGURE, OUTSIDER, FOREIGN_KEY),
+    UNAUTHENTICATED: (ANONYMOUS,),
+}
+WALLET = "query($id: ID!) { organization(id: $id) { wallet { balance reserved } } }"
+CONSUME = """mutation($org: ID!) {
+  consumeTokens(input: {organizationId: $org, amount: 1, idempotencyKey: "m"}) {
+  __typename ... on UserError { code } } }"""
+RESERVE = """mutation($org: ID!) {
+  reserveTokens(input: {organizationId: $org, amount: 1, idempotencyKey: "m"}) {
+  __typename ... on UserError { code } } }"""
+CAPTURE = """mutation($id: ID!) { captureReservation(input: {reservationId: $id, amount: 3}) {
+  __typename ... on UserError { code } } }"""
+RELEASE = """mutation($id: ID!) { releaseReservation(input: {reservationId: $id}) {
+  __typename ... on UserError { code } } }"""
+REFUND = """mutation($id: ID!) { refundConsumption(input: {entryId: $id, amount: 1}) {
+  __typename ... on UserError { code } } }"""
+GRANT = """mutation($org: ID!) { grantTokens(input: {organizationId: $org, amount: 10, reason: "goodwill"}) {
+  __typename ... on UserError { code } } }"""
+SET_STATUS = """mutation($org: ID!) { %s(input: {organizationId: $org, reason: "matrix"}) {
+  __typename ... on UserError { code } } }"""
+
+OPERATIONS += [
+    Operation("Organization.wallet", WALLET, lambda w: {"id": w.org}, ("organization", "wallet"), VIEWING),
+    Operation("node(Reservation)", NODE, lambda w: {"id": w.reservation}, ("node",), NODE_VIEWING),
+    Operation("node(LedgerEntry)", NODE, lambda w: {"id": w.consumption}, ("node",), NODE_VIEWING),
+    Operation("consumeTokens", CONSUME, lambda w: {"org": w.org}, ("consumeTokens",), CONSUMING, 0),
+    Operation("reserveTokens", RESERVE, lambda w: {"org": w.org}, ("reserveTokens",), CONSUMING, 0),
+    Operation(
+        "captureReservation", CAPTURE, lambda w: {"id": w.reservation}, ("captureReservation",), CONSUMING, 0
+    ),
+    Operation(
+        "releaseReservation", RELEASE, lambda w: {"id": w.reservation}, ("releaseReservation",), CONSUMING, 0
+    ),
+    Operation(
+        "refundConsumption", REFUND, lambda w: {"id": w.consumption}, ("refundConsumption",), CONSUMING, 0
+    ),
+    Operation("grantTokens", GRANT, lambda w: {"org": w.org}, ("grantTokens",), STAFF_ONLY),
+    Operation(
+        "suspendWallet",
+        SET_STATUS % "suspendWallet",
+        lambda w: {"org": w.org},
+        ("suspendWallet",),
+        STAFF_ONLY,
+    ),
+    # The wallet is active already: reactivating it is allowed and changes (and audits) nothing.
+    Operation(
+        "reactivateWallet",
+        SET_STATUS % "reactivateWallet",
+        lambda w: {"org": w.org},
+        ("reactivateWallet",),
+        STAFF_ONLY,
+        0,
+    ),
+]
+
+
 def outcome(body: dict[str, Any], path: tuple[str, ...]) -> str:
     errors = body.get("errors")
     if errors:
@@ -422,7 +517,7 @@ async def test_permission_matrix(
     assert outcome(body, op.path) == expected, body
     after = await snapshot(matrix_app)
     if changes_the_world:
-        assert len(after["audit_log"]) == len(before["audit_log"]) + 1
+        assert len(after["audit_log"]) == len(before["audit_log"]) + op.audit_rows
     else:
         assert after == before, "a refused call (or a query) must write nothing"
 
