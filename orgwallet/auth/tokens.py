@@ -39,7 +39,7 @@ class JwtVerifier:
         except (jwt.PyJWTError, ValueError) as exc:
             raise Unauthenticated(f"invalid token: {exc}") from exc
         subject = claims["sub"]
-        if not isinstance(subject, str) or not subject or len(subject) > 255:
+        if not isinstance(subject, str) or not subject or len(subject) > 255 or not subject.isprintable():
             raise Unauthenticated("invalid token: bad subject")
         admin_by_claim = bool(s.jwt_admin_claim and claims.get(s.jwt_admin_claim) is True)
         return UserPrincipal(

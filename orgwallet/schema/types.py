@@ -12,8 +12,9 @@ import strawberry
 from sqlmodel import col
 from strawberry import relay
 
+from orgwallet import errors
 from orgwallet.auth.permissions import ROLE_PERMISSIONS, Permission, sorted_permissions
-from orgwallet.auth.principals import UserPrincipal
+from orgwallet.auth.principals import ApiKeyPrincipal, UserPrincipal
 from orgwallet.db import models
 from orgwallet.errors import OrgWalletError
 from orgwallet.schema.context import Info
@@ -23,6 +24,7 @@ from orgwallet.services import organizations as org_service
 from orgwallet.services import wallets as wallet_service
 
 if TYPE_CHECKING:
+    from orgwallet.schema.purchases import PurchaseConnection, PurchaseStatus
     from orgwallet.schema.wallets import Wallet
 
 
@@ -74,8 +76,10 @@ class Organization(relay.Node):
     def pk(self) -> uuid.UUID:
         return uuid.UUID(self.id)
 
-    @strawberry.field
+    @strawberry.field(description="People of the organization; not for API keys.")
     async def members(self, info: Info) -> list[Member]:
+        if isinstance(info.context.principal, ApiKeyPrincipal):
+            raise errors.Forbidden("API keys do not read the member list")
         async with info.context.reading() as session:
             rows = await org_service.list_members(session, self.pk)
         return [Member(subject=u.subject, email=u.email, role=Role.of(r)) for u, r in rows]
@@ -88,6 +92,18 @@ class Organization(relay.Node):
             await access.authorize(session, info.context.principal, self.pk, Permission.TOKENS_VIEW)
             row = await wallet_service.read_wallet(session, info.context.sessions, self.pk)
         return Wallet.of(row)
+
+    @strawberry.field(description="Purchases of tokens, newest first.")
+    async def purchases(
+        self,
+        info: Info,
+        first: int | None = 50,
+        after: str | None = None,
+        status: list[Annotated[PurchaseStatus, strawberry.lazy("orgwallet.schema.purchases")]] | None = None,
+    ) -> Annotated[PurchaseConnection, strawberry.lazy("orgwallet.schema.purchases")]:
+        from orgwallet.schema.purchases import purchase_connection
+
+        return await purchase_connection(info, self.pk, first=first, after=after, status=status)
 
     @strawberry.field(description="API keys of the organization (never their secrets).")
     async def api_keys(self, info: Info) -> list[ApiKey]:

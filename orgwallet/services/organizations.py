@@ -9,6 +9,7 @@ from sqlalchemy import func
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col, select
+from uuid6 import uuid7
 
 from orgwallet.auth.permissions import Permission
 from orgwallet.auth.principals import Principal, UserPrincipal
@@ -24,7 +25,7 @@ async def ensure_user(
     """The user row for ``subject``, created on first sight; e-mail and name are kept fresh."""
     statement = (
         insert(User)
-        .values(id=uuid.uuid4(), subject=subject, email=email, name=name)
+        .values(id=uuid7(), subject=subject, email=email, name=name)
         .on_conflict_do_update(
             index_elements=["subject"],
             set_={
@@ -66,7 +67,7 @@ async def create_organization(
         slug = given or await _free_slug(session, validation.slugify(name))
         inserted = await session.execute(
             insert(Organization)
-            .values(id=uuid.uuid4(), name=name, slug=slug)
+            .values(id=uuid7(), name=name, slug=slug)
             .on_conflict_do_nothing(index_elements=["slug"])
             .returning(Organization)
         )

@@ -101,6 +101,7 @@ BAD_CREDENTIALS: dict[str, Callable[[Settings, Keys], str | None]] = {
     "missing sub": lambda s, k: f"Bearer {signed(s, sub=None)}",
     "empty sub": lambda s, k: f"Bearer {signed(s, sub='')}",
     "overlong sub": lambda s, k: f"Bearer {signed(s, sub='a' * 256)}",
+    "sub with a control character": lambda s, k: "Bearer " + signed(s, sub="alice\x00"),
     "missing exp": lambda s, k: f"Bearer {signed(s, exp=None)}",
     "missing iss": lambda s, k: f"Bearer {signed(s, iss=None)}",
     "missing aud": lambda s, k: f"Bearer {signed(s, aud=None)}",

@@ -439,6 +439,18 @@ SET_STATUS = """mutation($org: ID!) { %s(input: {organizationId: $org, reason: "
 
 OPERATIONS += [
     Operation("Organization.wallet", WALLET, lambda w: {"id": w.org}, ("organization", "wallet"), VIEWING),
+    Operation(
+        "Organization.members",
+        "query($id: ID!) { organization(id: $id) { members { subject role } } }",
+        lambda w: {"id": w.org},
+        ("organization", "members"),
+        {
+            OK: (*ROLE_MEMBERS, *PLATFORM_ADMINS),
+            FORBIDDEN: OWN_KEYS,
+            NULL: (OUTSIDER, FOREIGN_KEY),
+            UNAUTHENTICATED: (ANONYMOUS,),
+        },
+    ),
     Operation("node(Reservation)", NODE, lambda w: {"id": w.reservation}, ("node",), NODE_VIEWING),
     Operation("node(LedgerEntry)", NODE, lambda w: {"id": w.consumption}, ("node",), NODE_VIEWING),
     Operation("consumeTokens", CONSUME, lambda w: {"org": w.org}, ("consumeTokens",), CONSUMING, 0),
