@@ -44,9 +44,17 @@ def serve(
     if not settings.jwt_secret and not settings.jwt_jwks_url:
         # Generate the development secret before workers start, so they all share it.
         os.environ["ORGWALLET_JWT_SECRET"] = settings.signing_secret
-    typer.echo(f"GraphiQL:  http://{host}:{port}/graphql")
+    public_url = os.environ.get("ORGWALLET_PUBLIC_URL") or f"http://{_browsable(host)}:{port}"
+    os.environ["ORGWALLET_PUBLIC_URL"] = public_url
+    typer.echo(f"GraphiQL:  {public_url}/graphql")
     typer.echo("a token:   uv run orgwallet token --sub alice --email alice@example.com")
     typer.echo('           then in GraphiQL headers: {"Authorization": "Bearer <token>"}')
+    if not settings.stripe_secret_key:
+        os.environ["STRIPE_WEBHOOK_SECRET"] = settings.webhook_secret
+        typer.echo(f"Stripe:    offline simulator at {public_url}/_stripe (no STRIPE_SECRET_KEY)")
+        typer.echo("           pay on its checkout page with the test card 4242 4242 4242 4242")
+        if workers > 1:
+            typer.echo("           it keeps its state in memory: use --workers 1 with it", err=True)
     uvicorn.run(
         "orgwallet.app:create_app",
         factory=True,
@@ -56,6 +64,13 @@ def serve(
         reload=reload,
         log_level="info",
     )
+
+
+def _browsable(host: str) -> str:
+    """An address a browser on this machine can open for a bind address."""
+    if host in ("0.0.0.0", "::", ""):  # noqa: S104 (not binding: naming what was bound)
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
 
 
 @cli.command()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 
@@ -53,13 +54,32 @@ class Settings(BaseSettings):
         default=None,
         validation_alias=AliasChoices("STRIPE_WEBHOOK_SECRET", "ORGWALLET_STRIPE_WEBHOOK_SECRET"),
     )
+    # Where a browser reaches this server: the offline Stripe simulator's checkout pages are
+    # served under <public_url>/_stripe. `orgwallet serve` sets it from its host and port.
+    public_url: str = "http://127.0.0.1:8000"
+
+    # Buying tokens.
+    currency: str = "USD"
+    min_custom_tokens: int = 1
+    max_custom_tokens: int = 100_000
 
     @cached_property
     def signing_secret(self) -> str:
         """The HS256 secret: configured, or generated once and kept under ``home``."""
         if self.jwt_secret:
             return self.jwt_secret
-        path = self.home / "jwt-secret"
+        return self._home_secret("jwt-secret", lambda: secrets.token_urlsafe(48))
+
+    @cached_property
+    def webhook_secret(self) -> str:
+        """The Stripe webhook signing secret: configured, or (for the offline simulator, which
+        signs with it) generated once and kept under ``home``."""
+        if self.stripe_webhook_secret:
+            return self.stripe_webhook_secret
+        return self._home_secret("stripe-webhook-secret", lambda: "whsec_" + secrets.token_hex(24))
+
+    def _home_secret(self, name: str, make: Callable[[], str]) -> str:
+        path = self.home / name
         self.home.mkdir(parents=True, exist_ok=True)
         try:
             # O_EXCL: of several processes starting at once, exactly one writes the secret.
@@ -68,7 +88,7 @@ class Settings(BaseSettings):
             pass
         else:
             with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_urlsafe(48))
+                f.write(make())
         return path.read_text().strip()
 
 

@@ -169,3 +169,129 @@ class Reservation(SQLModel, table=True):
     reason: str | None = None
     settled_at: datetime | None = _ts(nullable=True)
     created_at: datetime = _ts()
+
+
+# ---------------------------------------------------------------- buying tokens (migration 0003)
+
+
+class TokenPackage(SQLModel, table=True):
+    __tablename__ = "token_packages"
+    id: uuid.UUID = _id()
+    code: str
+    name: str
+    tokens: int = Field(sa_column=Column(BigInteger, nullable=False))
+    price_minor: int = Field(sa_column=Column(BigInteger, nullable=False))
+    currency: str
+    badge: str | None = None
+    active: bool = True
+    sort: int = 0
+    created_at: datetime = _ts()
+    updated_at: datetime = _ts()
+
+
+class PriceTier(SQLModel, table=True):
+    __tablename__ = "price_tiers"
+    id: uuid.UUID = _id()
+    currency: str
+    min_tokens: int = Field(sa_column=Column(BigInteger, nullable=False))
+    unit_price_minor: int = Field(sa_column=Column(BigInteger, nullable=False))
+    created_at: datetime = _ts()
+
+
+class OrganizationPrice(SQLModel, table=True):
+    __tablename__ = "organization_prices"
+    id: uuid.UUID = _id()
+    organization_id: uuid.UUID = _ref()
+    package_id: uuid.UUID | None = _ref(nullable=True)
+    price_minor: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    discount_percent: int | None = Field(default=None, sa_column=Column(SmallInteger, nullable=True))
+    created_by: str
+    created_at: datetime = _ts()
+    updated_at: datetime = _ts()
+
+
+class StripeCustomer(SQLModel, table=True):
+    __tablename__ = "stripe_customers"
+    organization_id: uuid.UUID = Field(sa_column=Column(PgUUID(as_uuid=True), primary_key=True))
+    customer_id: str
+    default_payment_method: str | None = None
+    created_at: datetime = _ts()
+    updated_at: datetime = _ts()
+
+
+class PurchaseStatus(enum.StrEnum):
+    PENDING = "pending"
+    PAID = "paid"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    REFUNDED = "refunded"
+    PARTIALLY_REFUNDED = "partially_refunded"
+    DISPUTED = "disputed"
+
+
+class PurchaseMethod(enum.StrEnum):
+    CHECKOUT = "checkout"
+    SAVED_CARD = "saved_card"
+    AUTO_TOP_UP = "auto_top_up"
+
+
+class Purchase(SQLModel, table=True):
+    __tablename__ = "purchases"
+    id: uuid.UUID = _id()
+    reference: str = Field(
+        default=None, sa_column=Column(Text, nullable=False, server_default=text("purchase_reference()"))
+    )
+    organization_id: uuid.UUID = _ref()
+    package_id: uuid.UUID | None = _ref(nullable=True)
+    tokens: int = Field(sa_column=Column(BigInteger, nullable=False))
+    amount_minor: int = Field(sa_column=Column(BigInteger, nullable=False))
+    currency: str
+    status: PurchaseStatus = Field(sa_column=Column(Text, nullable=False))
+    method: PurchaseMethod = Field(sa_column=Column(Text, nullable=False))
+    idempotency_key: str | None = None
+    checkout_session_id: str | None = None
+    checkout_url: str | None = None
+    payment_intent_id: str | None = None
+    charge_id: str | None = None
+    receipt_url: str | None = None
+    failure_reason: str | None = None
+    lot_id: uuid.UUID | None = _ref(nullable=True)
+    refunded_minor: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    tokens_clawed_back: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    shortfall: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    dispute_id: str | None = None
+    dispute_status: str | None = None
+    created_by: str
+    created_at: datetime = _ts()
+    updated_at: datetime = _ts()
+    paid_at: datetime | None = _ts(nullable=True)
+
+
+class StripeEvent(SQLModel, table=True):
+    __tablename__ = "stripe_events"
+    id: uuid.UUID = _id()
+    event_id: str
+    type: str
+    livemode: bool = False
+    payload: dict[str, Any] = Field(sa_column=Column(JSONB, nullable=False))
+    received_at: datetime = _ts()
+    handled_at: datetime | None = _ts(nullable=True)
+    outcome: str | None = None
+    error: str | None = None
+    attempts: int = 1
+
+
+class PaymentAlert(SQLModel, table=True):
+    __tablename__ = "payment_alerts"
+    id: uuid.UUID = _id()
+    kind: str
+    organization_id: uuid.UUID | None = _ref(nullable=True)
+    purchase_id: uuid.UUID | None = _ref(nullable=True)
+    stripe_event_id: str | None = None
+    stripe_object_id: str | None = None
+    expected_amount_minor: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    expected_currency: str | None = None
+    received_amount_minor: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    received_currency: str | None = None
+    created_at: datetime = _ts()
+    resolved_at: datetime | None = _ts(nullable=True)

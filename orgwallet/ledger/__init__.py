@@ -119,6 +119,7 @@ class Entry:
     reason: str | None
     metadata: Any
     created_at: datetime
+    actor: str | None = None  # read back from the table; a posting's entry leaves it to the caller
 
 
 @dataclass(frozen=True, slots=True)

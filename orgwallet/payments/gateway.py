@@ -332,6 +332,11 @@ class StripeGateway:
 
     async def receipt_url(self, payment_intent_id: str) -> str | None:
         """The hosted receipt of the intent's latest charge, if it has one."""
+        charge = await self.latest_charge(payment_intent_id)
+        return charge.receipt_url if charge is not None else None
+
+    async def latest_charge(self, payment_intent_id: str) -> stripe.Charge | None:
+        """The intent's latest charge (its id, status and ``receipt_url``), in one request."""
         intent = await self._client.v1.payment_intents.retrieve_async(
             payment_intent_id, {"expand": ["latest_charge"]}
         )
@@ -340,7 +345,7 @@ class StripeGateway:
             return None
         if isinstance(charge, str):
             charge = await self.retrieve_charge(charge)
-        return charge.receipt_url
+        return charge
 
     async def create_refund(
         self,

@@ -43,7 +43,11 @@ class Context(BaseContext):
         session cannot run two statements at once, so use is serialized."""
         async with self._read_lock:
             if self._read_session is None:
-                self._read_session = self.sessions()
+                session = self.sessions()
+                # No transaction around reads: at READ COMMITTED each statement takes its own
+                # snapshot anyway, so BEGIN and ROLLBACK would be two round trips for nothing.
+                await session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+                self._read_session = session
             yield self._read_session
 
     def unit_of_work(self) -> Any:

@@ -154,7 +154,7 @@ class LedgerEntry(relay.Node):
             reason=row.reason,
             idempotency_key=row.idempotency_key,
             metadata=cast(JSON, metadata),
-            actor=row.actor if isinstance(row, models.LedgerEntry) else actor,
+            actor=row.actor if isinstance(row, models.LedgerEntry) else actor or row.actor,
             created_at=row.created_at,
         )
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import math
+import time
 import uuid
+import weakref
 from datetime import timedelta
 
-from sqlalchemy import update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col, select
 
 from orgwallet.auth import api_keys as secrets
@@ -19,6 +23,95 @@ from orgwallet.services import access, audit, validation
 #: ``last_used_at`` is stamped at most this often per key: a write per request would cost
 #: more than the request.
 LAST_USED_RESOLUTION = timedelta(minutes=1)
+
+#: Principals of API keys are remembered by the process that looked them up: a back end calls
+#: many times a second, and each lookup is a round trip. A remembered principal is served only
+#: while the set of keys has not changed: at most every REVOCATION_CHECK_SECONDS, one cheap query
+#: per process (``count(*), count(revoked_at)`` over api_keys, which any revocation or removal
+#: changes) tells, and when it changed the process forgets every principal. So a revoked key is
+#: refused everywhere within about REVOCATION_CHECK_SECONDS of the revocation's commit, and at
+#: once by the process that revoked it. PRINCIPAL_CACHE_SECONDS bounds how long one lookup is
+#: trusted at all.
+PRINCIPAL_CACHE_SECONDS = 300.0
+REVOCATION_CHECK_SECONDS = 1.0
+PRINCIPAL_CACHE_SIZE = 100_000
+
+_KEY_SET_VERSION = text("SELECT count(*), count(revoked_at) FROM api_keys")
+
+
+class PrincipalCache:
+    """API key principals of one app (one process), checked against the key set's version."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self._sessions = sessions
+        # secret hash -> (monotonic expiry, key set version when looked up, principal)
+        self._principals: dict[str, tuple[float, object, ApiKeyPrincipal]] = {}
+        self._version: object = None
+        self._checked_at = -math.inf
+        self._check: asyncio.Future[None] | None = None
+        _caches.add(self)
+
+    @property
+    def version(self) -> object:
+        """The key set's version as last read: pass it to ``remember`` for a lookup that starts."""
+        return self._version
+
+    async def get(self, secret_hash: str) -> ApiKeyPrincipal | None:
+        if secret_hash not in self._principals:
+            return None
+        if time.monotonic() - self._checked_at >= REVOCATION_CHECK_SECONDS:
+            await self._recheck()
+        found = self._principals.get(secret_hash)
+        if found is None:
+            return None
+        expires, version, principal = found
+        if version != self._version or time.monotonic() >= expires:
+            self._principals.pop(secret_hash, None)
+            return None
+        return principal
+
+    def remember(self, secret_hash: str, principal: ApiKeyPrincipal, version: object) -> None:
+        """``version``: ``self.version`` when the lookup began. A lookup that raced a change of
+        the key set (a revocation) carries the version before it and is not kept."""
+        if version != self._version:
+            return
+        if len(self._principals) >= PRINCIPAL_CACHE_SIZE:
+            self._principals.clear()  # rare; a full sweep is simpler than keeping LRU order
+        self._principals[secret_hash] = (time.monotonic() + PRINCIPAL_CACHE_SECONDS, version, principal)
+
+    def forget(self, secret_hash: str) -> None:
+        self._principals.pop(secret_hash, None)
+
+    async def _recheck(self) -> None:
+        """Reads the key set's version; concurrent callers share one query."""
+        if self._check is None:
+            self._check = asyncio.ensure_future(self._read_version())
+        try:
+            await asyncio.shield(self._check)
+        except Exception:  # the database cannot say: serve nothing from memory
+            self._principals.clear()
+
+    async def _read_version(self) -> None:
+        try:
+            started = time.monotonic()
+            async with self._sessions() as session:
+                await session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+                version = tuple((await session.execute(_KEY_SET_VERSION)).one())
+            if version != self._version:
+                self._principals.clear()
+                self._version = version
+            self._checked_at = started
+        finally:
+            self._check = None
+
+
+_caches: weakref.WeakSet[PrincipalCache] = weakref.WeakSet()
+
+
+def forget_principal(secret_hash: str) -> None:
+    """A revoked key leaves every cache of this process at once."""
+    for cache in list(_caches):
+        cache.forget(secret_hash)
 
 
 def _scopes(values: list[str]) -> list[str]:
@@ -73,6 +166,7 @@ async def revoke_api_key(session: AsyncSession, principal: Principal, api_key_id
     if key is None:
         raise NotFound("API key not found")
     await access.authorize(session, principal, key.organization_id, Permission.MEMBERS_MANAGE)
+    forget_principal(key.secret_hash)
     if key.revoked_at is None:
         key.revoked_at = utcnow()
         await audit.record(
@@ -95,18 +189,35 @@ async def list_api_keys(session: AsyncSession, organization_id: uuid.UUID) -> li
     return list(rows.scalars())
 
 
+# The key by its prefix, and its last-use stamp when due: one statement, one round trip (it is
+# on every request of a back end), atomic on its own. The stamp needs the right secret and an
+# unrevoked key; the answer is decided in Python, in constant time.
+_LOOKUP = text(
+    """
+    WITH k AS (
+      SELECT id, organization_id, secret_hash, scopes, revoked_at, last_used_at
+      FROM api_keys WHERE prefix = :prefix
+    ), stamp AS (
+      UPDATE api_keys a SET last_used_at = now() FROM k
+      WHERE a.id = k.id AND k.secret_hash = :secret_hash AND k.revoked_at IS NULL
+        AND (k.last_used_at IS NULL OR k.last_used_at < now() - CAST(:resolution AS interval))
+      RETURNING a.id
+    )
+    SELECT id, organization_id, secret_hash, scopes, revoked_at FROM k
+    """
+)
+
+
 async def authenticate(session: AsyncSession, secret: str) -> ApiKeyPrincipal:
     prefix = secrets.split_prefix(secret)
     if prefix is None:
         raise Unauthenticated("malformed API key")
-    key = (await session.execute(select(ApiKey).where(col(ApiKey.prefix) == prefix))).scalars().one_or_none()
+    params = {"prefix": prefix, "secret_hash": secrets.hash_secret(secret)}
+    key = (await session.execute(_LOOKUP, {**params, "resolution": LAST_USED_RESOLUTION})).one_or_none()
     if key is None or not secrets.matches(secret, key.secret_hash):
         raise Unauthenticated("unknown API key")
     if key.revoked_at is not None:
         raise Unauthenticated("revoked API key")
-    now = utcnow()
-    if key.last_used_at is None or now - key.last_used_at > LAST_USED_RESOLUTION:
-        await session.execute(update(ApiKey).where(col(ApiKey.id) == key.id).values(last_used_at=now))
     return ApiKeyPrincipal(
         api_key_id=key.id,
         organization_id=key.organization_id,

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from sqlalchemy import select as sa_select
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlmodel import col, select
 
 from orgwallet import ledger
@@ -20,7 +21,7 @@ from orgwallet.config import Settings
 from orgwallet.db.engine import transaction
 from orgwallet.db.models import CreditLot, LedgerEntry, Reservation, Wallet, WalletStatus
 from orgwallet.errors import InvalidInput, NotFound
-from orgwallet.ledger import EntryKind, GrantSource
+from orgwallet.ledger import EntryKind, GrantSource, batching
 from orgwallet.services import access, audit, validation
 
 MAX_TTL_SECONDS = 7 * 24 * 3600
@@ -75,9 +76,22 @@ async def consume_tokens(
     reason: str | None = None,
     metadata: Any = None,
 ) -> ledger.Posting:
+    """Spends tokens. When the session has not begun a transaction (an API key's call: its
+    authorization reads nothing), the consumption goes through the group commit
+    (``ledger.batching``) and commits on its own, batched with the concurrent consumptions of
+    the same wallet; otherwise it joins the session's transaction."""
     await access.authorize(session, principal, organization_id, Permission.TOKENS_CONSUME)
     tokens = validation.token_amount(amount)
     key = validation.idempotency_key(key)
+    if not session.in_transaction() and isinstance(session.bind, AsyncEngine):
+        return await batching.for_engine(session.bind).consume_for_organization(
+            organization_id,
+            amount=tokens,
+            key=key,
+            actor=principal.actor,
+            reason=_reason(reason),
+            metadata=_metadata(metadata),
+        )
     wallet_id = await wallet_id_of(session, organization_id)
     return await ledger.consume(
         session,
@@ -260,34 +274,42 @@ async def set_wallet_status(
 # ---------------------------------------------------------------- reads
 
 
+# The wallet, and whether a reservation or a lot of it is past due: one round trip.
+_READ_WALLET = text(
+    """
+    SELECT w.id, w.organization_id, w.status, w.balance, w.reserved, w.lifetime_purchased,
+           w.lifetime_granted, w.lifetime_consumed, w.lifetime_expired,
+           EXISTS (SELECT 1 FROM reservations r
+                   WHERE r.wallet_id = w.id AND r.status = 'open' AND r.expires_at <= now())
+        OR EXISTS (SELECT 1 FROM credit_lots l
+                   WHERE l.wallet_id = w.id AND l.remaining > 0 AND l.expires_at <= now()) AS due
+    FROM wallets w WHERE w.organization_id = :org
+    """
+)
+
+
 async def read_wallet(
     session: AsyncSession, sessions: async_sessionmaker[AsyncSession], organization_id: uuid.UUID
-) -> Wallet:
+) -> ledger.WalletState:
     """The organization's wallet. When a reservation or lot is past due, it is settled first
     (in its own short transaction), so a read never shows tokens that already went back."""
-    row = (
-        await session.execute(
-            text(
-                """
-                SELECT w.id,
-                       EXISTS (SELECT 1 FROM reservations r
-                               WHERE r.wallet_id = w.id AND r.status = 'open' AND r.expires_at <= now())
-                    OR EXISTS (SELECT 1 FROM credit_lots l
-                               WHERE l.wallet_id = w.id AND l.remaining > 0 AND l.expires_at <= now()) AS due
-                FROM wallets w WHERE w.organization_id = :org
-                """
-            ),
-            {"org": organization_id},
-        )
-    ).one_or_none()
+    row = (await session.execute(_READ_WALLET, {"org": organization_id})).one_or_none()
     if row is None:
         raise NotFound("wallet not found")
     if row.due:
         async with transaction(sessions) as writer:
-            await ledger.settle(writer, row.id)
-        await session.rollback()  # a fresh snapshot that sees the settlement
-    statement = select(Wallet).where(col(Wallet.id) == row.id).execution_options(populate_existing=True)
-    return (await session.execute(statement)).scalars().one()
+            return await ledger.settle(writer, row.id)
+    return ledger.WalletState(
+        id=row.id,
+        organization_id=row.organization_id,
+        status=row.status,
+        balance=row.balance,
+        reserved=row.reserved,
+        lifetime_purchased=row.lifetime_purchased,
+        lifetime_granted=row.lifetime_granted,
+        lifetime_consumed=row.lifetime_consumed,
+        lifetime_expired=row.lifetime_expired,
+    )
 
 
 async def grants(session: AsyncSession, wallet_id: uuid.UUID) -> list[CreditLot]:
@@ -326,8 +348,27 @@ async def expiring_soon(session: AsyncSession, wallet_id: uuid.UUID, days: int) 
 
 @dataclass(frozen=True, slots=True)
 class EntryPage:
-    entries: list[LedgerEntry]
+    entries: list[ledger.Entry]
     has_next: bool
+
+
+# Columns of a page, read as plain rows: a page is up to MAX_PAGE entries, and ORM objects
+# (identity map, instrumented attributes) cost more than the query.
+_PAGE_COLUMNS = [
+    col(LedgerEntry.id),
+    col(LedgerEntry.wallet_id),
+    col(LedgerEntry.seq),
+    col(LedgerEntry.kind),
+    col(LedgerEntry.amount),
+    col(LedgerEntry.held_change),
+    col(LedgerEntry.balance_after),
+    col(LedgerEntry.reserved_after),
+    col(LedgerEntry.idempotency_key),
+    col(LedgerEntry.reason),
+    col(LedgerEntry.metadata_),
+    col(LedgerEntry.created_at),
+    col(LedgerEntry.actor),
+]
 
 
 async def ledger_page(
@@ -344,7 +385,7 @@ async def ledger_page(
     when new entries arrive."""
     if not 0 <= first <= MAX_PAGE:
         raise InvalidInput(f"first must be between 0 and {MAX_PAGE}", field="first")
-    statement = select(LedgerEntry).where(col(LedgerEntry.wallet_id) == wallet_id)
+    statement = sa_select(*_PAGE_COLUMNS).where(col(LedgerEntry.wallet_id) == wallet_id)
     if after_seq is not None:
         statement = statement.where(col(LedgerEntry.seq) < after_seq)
     if kinds:
@@ -353,10 +394,27 @@ async def ledger_page(
         statement = statement.where(col(LedgerEntry.created_at) >= since)
     if until is not None:
         statement = statement.where(col(LedgerEntry.created_at) < until)
-    rows = list(
-        (await session.execute(statement.order_by(col(LedgerEntry.seq).desc()).limit(first + 1))).scalars()
-    )
-    return EntryPage(entries=rows[:first], has_next=len(rows) > first)
+    result = await session.execute(statement.order_by(col(LedgerEntry.seq).desc()).limit(first + 1))
+    rows: list[Any] = list(result.all())
+    entries = [
+        ledger.Entry(
+            id=r[0],
+            wallet_id=r[1],
+            seq=r[2],
+            kind=EntryKind(r[3]),
+            amount=r[4],
+            held_change=r[5],
+            balance_after=r[6],
+            reserved_after=r[7],
+            idempotency_key=r[8],
+            reason=r[9],
+            metadata=r[10],
+            created_at=r[11],
+            actor=r[12],
+        )
+        for r in rows[:first]
+    ]
+    return EntryPage(entries=entries, has_next=len(rows) > first)
 
 
 async def reservation(session: AsyncSession, reservation_id: uuid.UUID) -> Reservation | None:

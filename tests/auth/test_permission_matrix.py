@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
+from sqlalchemy import text
 from strawberry.relay import GlobalID
 
 from orgwallet import ledger
@@ -480,6 +481,142 @@ OPERATIONS += [
         ("reactivateWallet",),
         STAFF_ONLY,
         0,
+    ),
+]
+
+
+# ---------------------------------------------------------------- buying tokens (issue 4)
+
+_codes = itertools.count()
+
+#: Buying for A (tokens.purchase).
+PURCHASING = {
+    OK: (OWNER, ADMIN, BILLING, KEY_PURCHASE, *PLATFORM_ADMINS),
+    FORBIDDEN: (MEMBER, VIEWER, KEY_NO_SCOPE, KEY_VIEW, KEY_CONSUME, KEY_CONFIGURE),
+    NOT_FOUND: (OUTSIDER, FOREIGN_KEY),
+    UNAUTHENTICATED: (ANONYMOUS,),
+}
+#: The world has no saved card: whoever may buy gets that far, and no further.
+NO_SAVED_CARD = "PaymentMethodRequired PAYMENT_METHOD_REQUIRED"
+SAVED_CARD_PURCHASING = {NO_SAVED_CARD if k == OK else k: v for k, v in PURCHASING.items()}
+#: A's prices (tokens.view): a query whose answer is a list, so "not found" is an error.
+PRICE_VIEWING = {
+    OK: (*ROLE_MEMBERS, KEY_VIEW, *PLATFORM_ADMINS),
+    FORBIDDEN: (KEY_NO_SCOPE, KEY_CONSUME, KEY_PURCHASE, KEY_CONFIGURE),
+    "error NOT_FOUND": (OUTSIDER, FOREIGN_KEY),
+    UNAUTHENTICATED: (ANONYMOUS,),
+}
+#: Staff only, on something A has not got: they find nothing to do; anyone else is refused.
+STAFF_ONLY_NOTHING_THERE = {NOT_FOUND if k == OK else k: v for k, v in STAFF_ONLY.items()}
+SIGNED_IN = {OK: EVERYONE_SIGNED_IN, UNAUTHENTICATED: (ANONYMOUS,)}
+
+RESULT = "__typename ... on UserError { code }"
+URLS = 'successUrl: "https://spa.example/ok", cancelUrl: "https://spa.example/no"'
+PACKAGES_OF = "query($org: ID) { packages(organizationId: $org) { code priceMinor } }"
+QUOTE_FOR = "query($org: ID!) { quote(organizationId: $org, tokens: 60) { priceMinor } }"
+PURCHASES_OF = "query($id: ID!) { organization(id: $id) { purchases(first: 5) { edges { cursor } } } }"
+START_CHECKOUT = f"""mutation($org: ID!) {{
+  startCheckout(input: {{organizationId: $org, tokens: 20, {URLS}}}) {{ {RESULT} }} }}"""
+SAVED_CARD = f"""mutation($org: ID!) {{
+  purchaseWithSavedCard(input: {{organizationId: $org, tokens: 20, idempotencyKey: "m"}}) {{ {RESULT} }} }}"""
+SETUP_CARD = f"""mutation($org: ID!) {{
+  setupPaymentMethod(input: {{organizationId: $org, {URLS}}}) {{ {RESULT} }} }}"""
+CREATE_PACKAGE = f"""mutation($code: String!) {{
+  createTokenPackage(input: {{code: $code, name: "Matrix", tokens: 7, priceMinor: 700}}) {{ {RESULT} }} }}"""
+UPDATE_PACKAGE = f"""mutation($id: ID!, $name: String!) {{
+  updateTokenPackage(input: {{packageId: $id, name: $name}}) {{ {RESULT} }} }}"""
+ARCHIVE_PACKAGE = f"""mutation($id: ID!) {{
+  archiveTokenPackage(input: {{packageId: $id}}) {{ {RESULT} }} }}"""
+SET_TIERS = f"""mutation {{ setPriceTiers(input: {{tiers: [
+  {{minTokens: 1, unitPriceMinor: 100}}, {{minTokens: 50, unitPriceMinor: 90}},
+  {{minTokens: 500, unitPriceMinor: 80}}
+]}}) {{ {RESULT} }} }}"""
+SET_ORG_PRICE = f"""mutation($org: ID!) {{
+  setOrganizationPrice(input: {{organizationId: $org, discountPercent: 5}}) {{ {RESULT} }} }}"""
+CLEAR_ORG_PRICE = f"""mutation($org: ID!) {{
+  clearOrganizationPrice(input: {{organizationId: $org}}) {{ {RESULT} }} }}"""
+
+#: The seeded packages' global ids in the matrix database (package code -> id).
+SEEDED_PACKAGES: dict[str, str] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+async def seeded_packages(matrix_app: FastAPI) -> None:
+    async with matrix_app.state.services.engine.connect() as connection:
+        rows = await connection.execute(text("SELECT code, id FROM token_packages"))
+        SEEDED_PACKAGES.update({code: str(GlobalID("TokenPackage", str(pk))) for code, pk in rows})
+
+
+OPERATIONS += [
+    Operation("packages", PACKAGES_OF, lambda w: {"org": None}, ("packages",), SIGNED_IN),
+    Operation(
+        "packages(organizationId)", PACKAGES_OF, lambda w: {"org": w.org}, ("packages",), PRICE_VIEWING
+    ),
+    Operation(
+        "packages(includeArchived)",
+        "{ packages(includeArchived: true) { code active } }",
+        lambda w: {},
+        ("packages",),
+        STAFF_ONLY,
+    ),
+    Operation("quote", QUOTE_FOR, lambda w: {"org": w.org}, ("quote",), PRICE_VIEWING),
+    Operation("priceTiers", "{ priceTiers { minTokens } }", lambda w: {}, ("priceTiers",), SIGNED_IN),
+    Operation(
+        "Organization.purchases",
+        PURCHASES_OF,
+        lambda w: {"id": w.org},
+        ("organization", "purchases"),
+        VIEWING,
+    ),
+    Operation(
+        "organizationPrices",
+        "query($org: ID!) { organizationPrices(organizationId: $org) { priceMinor } }",
+        lambda w: {"org": w.org},
+        ("organizationPrices",),
+        STAFF_ONLY,
+    ),
+    Operation("startCheckout", START_CHECKOUT, lambda w: {"org": w.org}, ("startCheckout",), PURCHASING),
+    Operation(
+        "purchaseWithSavedCard",
+        SAVED_CARD,
+        lambda w: {"org": w.org},
+        ("purchaseWithSavedCard",),
+        SAVED_CARD_PURCHASING,
+    ),
+    Operation(
+        "setupPaymentMethod", SETUP_CARD, lambda w: {"org": w.org}, ("setupPaymentMethod",), PURCHASING
+    ),
+    Operation(
+        "createTokenPackage",
+        CREATE_PACKAGE,
+        lambda w: {"code": f"matrix-{next(_codes)}"},
+        ("createTokenPackage",),
+        STAFF_ONLY,
+    ),
+    Operation(
+        "updateTokenPackage",
+        UPDATE_PACKAGE,
+        lambda w: {"id": SEEDED_PACKAGES["tokens-10"], "name": f"10 tokens ({next(_codes)})"},
+        ("updateTokenPackage",),
+        STAFF_ONLY,
+    ),
+    Operation(
+        "archiveTokenPackage",
+        ARCHIVE_PACKAGE,
+        lambda w: {"id": SEEDED_PACKAGES["tokens-100"]},
+        ("archiveTokenPackage",),
+        STAFF_ONLY,
+    ),
+    Operation("setPriceTiers", SET_TIERS, lambda w: {}, ("setPriceTiers",), STAFF_ONLY),
+    Operation(
+        "setOrganizationPrice", SET_ORG_PRICE, lambda w: {"org": w.org}, ("setOrganizationPrice",), STAFF_ONLY
+    ),
+    Operation(
+        "clearOrganizationPrice",
+        CLEAR_ORG_PRICE,
+        lambda w: {"org": w.org},
+        ("clearOrganizationPrice",),
+        STAFF_ONLY_NOTHING_THERE,
     ),
 ]
 

@@ -325,6 +325,26 @@ class TestRefund:
         assert sorted(await lots(sessions, wallet)) == [("refund", 3, 3), ("trial", 4, 0)]
         await assert_sound(sessions)
 
+    async def test_a_hold_on_a_refund_lot_goes_back_to_that_lot(
+        self, sessions: Sessions, wallet: uuid.UUID
+    ) -> None:
+        """Found by the model test: a hold drawn from a refund lot (standing in for an expired
+        lot) once went back to the expired lot on release, and was swept."""
+        await credit(sessions, wallet, 1, expires_at=T0 + timedelta(seconds=60))
+        spent = await consume(sessions, wallet, 1)
+        later = T0 + timedelta(seconds=60)
+        assert spent.entry
+        async with transaction(sessions) as s:
+            await ledger.refund(s, spent.entry.id, actor="t", now=later)
+        async with transaction(sessions) as s:
+            held = await ledger.reserve(s, wallet, amount=1, key="r", ttl_seconds=1, actor="t", now=later)
+        async with transaction(sessions) as s:
+            state = await ledger.settle(s, wallet, now=later + timedelta(hours=1))
+        assert (state.balance, state.reserved, state.lifetime_expired) == (1, 0, 0)
+        assert held.reservation_id
+        assert sorted(await lots(sessions, wallet)) == [("purchase", 1, 0), ("refund", 1, 1)]
+        await assert_sound(sessions)
+
     async def test_refund_of_a_capture(self, sessions: Sessions, wallet: uuid.UUID) -> None:
         await credit(sessions, wallet, 10)
         async with transaction(sessions) as s:

@@ -133,3 +133,8 @@ async def stripe_world() -> AsyncIterator[StripeWorld]:
         yield StripeWorld(gateway, simulator, inbox, browser, transport)
         await simulator.webhooks.cancel_all()
     await gateway.close()
+
+
+# The app's own Stripe (the simulator it mounts) and an organization buying from it, for the
+# purchase tests in this package (tests/purchasing.py).
+from tests.purchasing import shop  # noqa: E402, F401

@@ -1,0 +1,75 @@
+"""Which Stripe the app talks to: the real one when ``STRIPE_SECRET_KEY`` is configured, else
+the offline simulator, mounted in the app itself at ``/_stripe``.
+
+With the simulator, the SDK reaches it in-process (an ASGI transport into the app, no port
+needed), webhooks go to the app's own ``/webhooks/stripe`` the same way, and the checkout
+pages it hands out live under ``<public_url>/_stripe`` for a browser. It signs with the
+configured ``STRIPE_WEBHOOK_SECRET`` or a secret generated once under the home directory.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import httpx
+from fastapi import FastAPI
+
+from orgwallet.config import Settings
+from orgwallet.payments.gateway import StripeGateway, TransportHTTPClient
+from orgwallet.payments.simulator import (
+    SIMULATOR_SECRET_KEY,
+    Simulator,
+    create_simulator,
+    http_webhook_target,
+)
+
+log = logging.getLogger(__name__)
+
+SIMULATOR_MOUNT = "/_stripe"
+#: The in-process base address (never resolved: the ASGI transport carries the requests).
+INTERNAL_BASE_URL = "http://orgwallet.internal"
+
+
+@dataclass
+class StripeConnection:
+    gateway: StripeGateway
+    simulator: Simulator | None = None
+    _internal: httpx.AsyncClient | None = None
+
+    async def close(self) -> None:
+        if self.simulator is not None:
+            await self.simulator.webhooks.cancel_all()
+        if self._internal is not None:
+            await self._internal.aclose()
+        await self.gateway.close()
+
+
+def connect_stripe(app: FastAPI, settings: Settings) -> StripeConnection:
+    """The gateway for ``app``; mounts the simulator on it when no real key is configured."""
+    if settings.stripe_secret_key:
+        if not settings.stripe_webhook_secret:
+            raise RuntimeError(
+                "STRIPE_WEBHOOK_SECRET is required with STRIPE_SECRET_KEY: webhooks cannot be verified "
+                "without it"
+            )
+        return StripeConnection(StripeGateway(settings.stripe_secret_key, settings.stripe_webhook_secret))
+
+    secret = settings.webhook_secret
+    internal = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url=INTERNAL_BASE_URL, timeout=60
+    )
+    stripe_app, simulator = create_simulator(
+        webhook_secret=secret,
+        public_base_url=settings.public_url.rstrip("/") + SIMULATOR_MOUNT,
+        deliver=http_webhook_target(internal, "/webhooks/stripe"),
+    )
+    app.mount(SIMULATOR_MOUNT, stripe_app)
+    gateway = StripeGateway(
+        SIMULATOR_SECRET_KEY,
+        secret,
+        api_base=INTERNAL_BASE_URL + SIMULATOR_MOUNT,
+        http_client=TransportHTTPClient(httpx.ASGITransport(app=app)),
+    )
+    log.info("no STRIPE_SECRET_KEY: the offline Stripe simulator serves %s", simulator.public_base_url)
+    return StripeConnection(gateway, simulator, internal)

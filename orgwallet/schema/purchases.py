@@ -1,0 +1,449 @@
+"""GraphQL types of packages, prices and purchases, their inputs, payloads and result unions."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from datetime import datetime
+from enum import Enum
+from typing import TYPE_CHECKING, Annotated, Self
+
+import strawberry
+from strawberry import relay
+
+from orgwallet.db import models
+from orgwallet.errors import OrgWalletError
+from orgwallet.schema.context import Info
+from orgwallet.schema.errors import Conflict, IdempotencyConflict, InvalidInput, NotFound, UserError
+from orgwallet.schema.scalars import BigInt
+from orgwallet.services import pricing
+from orgwallet.services import purchases as purchase_service
+
+if TYPE_CHECKING:
+    from orgwallet.schema.types import Organization
+
+
+@strawberry.enum
+class PurchaseStatus(Enum):
+    PENDING = "pending"
+    PAID = "paid"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    REFUNDED = "refunded"
+    PARTIALLY_REFUNDED = "partially_refunded"
+    DISPUTED = "disputed"
+
+    def model(self) -> models.PurchaseStatus:
+        return models.PurchaseStatus(self.value)
+
+
+@strawberry.enum
+class PurchaseMethod(Enum):
+    CHECKOUT = "checkout"
+    SAVED_CARD = "saved_card"
+    AUTO_TOP_UP = "auto_top_up"
+
+
+def _uuid(node_id: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(node_id)
+    except ValueError:
+        return None
+
+
+@strawberry.type
+class TokenPackage(relay.Node):
+    id: relay.NodeID[str]
+    code: str
+    name: str
+    tokens: BigInt
+    price_minor: int = strawberry.field(description="The price for the organization asked about.")
+    list_price_minor: int = strawberry.field(
+        description="The catalogue price, before any organization's price."
+    )
+    currency: str
+    unit_price_minor: float = strawberry.field(description="Price per token, in minor units.")
+    savings_percent: int = strawberry.field(
+        description="Saving per token against the most expensive unit price in the catalogue."
+    )
+    badge: str | None
+    active: bool
+    sort: int
+
+    @classmethod
+    def of(cls, priced: pricing.PricedPackage) -> Self:
+        package = priced.package
+        return cls(
+            id=str(package.id),
+            code=package.code,
+            name=package.name,
+            tokens=BigInt(package.tokens),
+            price_minor=priced.price_minor,
+            list_price_minor=package.price_minor,
+            currency=package.currency,
+            unit_price_minor=priced.unit_price_minor,
+            savings_percent=priced.savings_percent,
+            badge=package.badge,
+            active=package.active,
+            sort=package.sort,
+        )
+
+    @classmethod
+    async def resolve_nodes(  # type: ignore[override]
+        cls, *, info: Info, node_ids: Iterable[str], required: bool = False
+    ) -> list[Self | None]:
+        """At list prices (``packages(organizationId)`` gives an organization's)."""
+        ids = [_uuid(node_id) for node_id in node_ids]
+        async with info.context.reading() as session:
+            found = {
+                item.package.id: cls.of(item)
+                for item in await pricing.priced_packages(session, None, include_archived=True)
+            }
+        return [found.get(i) if i is not None else None for i in ids]
+
+
+@strawberry.type
+class PriceQuote:
+    tokens: BigInt
+    price_minor: int
+    currency: str
+    unit_price_minor: float
+
+    @classmethod
+    def of(cls, quote: pricing.Quote) -> Self:
+        return cls(
+            tokens=BigInt(quote.tokens),
+            price_minor=quote.price_minor,
+            currency=quote.currency,
+            unit_price_minor=quote.unit_price_minor,
+        )
+
+
+@strawberry.type(
+    description="Custom amounts from `minTokens` up to the next tier cost `unitPriceMinor` each."
+)
+class PriceTier:
+    min_tokens: BigInt
+    unit_price_minor: int
+    currency: str
+
+    @classmethod
+    def of(cls, row: models.PriceTier) -> Self:
+        return cls(
+            min_tokens=BigInt(row.min_tokens), unit_price_minor=row.unit_price_minor, currency=row.currency
+        )
+
+
+@strawberry.type(description="What one organization pays: a fixed price or a discount.")
+class OrganizationPrice:
+    package_id: relay.GlobalID | None = strawberry.field(
+        description="The package; null: a discount on every package and on custom amounts."
+    )
+    price_minor: int | None
+    discount_percent: int | None
+
+    @classmethod
+    def of(cls, row: models.OrganizationPrice) -> Self:
+        return cls(
+            package_id=relay.GlobalID("TokenPackage", str(row.package_id)) if row.package_id else None,
+            price_minor=row.price_minor,
+            discount_percent=row.discount_percent,
+        )
+
+
+@strawberry.type
+class Purchase(relay.Node):
+    id: relay.NodeID[str]
+    reference: str = strawberry.field(description="Human reference, e.g. PUR-000123.")
+    tokens: BigInt
+    amount_minor: int
+    currency: str
+    status: PurchaseStatus
+    method: PurchaseMethod
+    receipt_url: str | None
+    failure_reason: str | None
+    refunded_minor: int
+    tokens_clawed_back: BigInt = strawberry.field(description="Tokens taken back by refunds and disputes.")
+    shortfall: BigInt = strawberry.field(
+        description="Tokens refunded or disputed that had already been spent, so could not be taken back."
+    )
+    created_at: datetime
+    paid_at: datetime | None
+    _organization_id: strawberry.Private[uuid.UUID]
+    _package_id: strawberry.Private[uuid.UUID | None]
+
+    @classmethod
+    def of(cls, row: models.Purchase) -> Self:
+        return cls(
+            id=str(row.id),
+            reference=row.reference,
+            tokens=BigInt(row.tokens),
+            amount_minor=row.amount_minor,
+            currency=row.currency,
+            status=PurchaseStatus(row.status),
+            method=PurchaseMethod(row.method),
+            receipt_url=row.receipt_url,
+            failure_reason=row.failure_reason,
+            refunded_minor=row.refunded_minor,
+            tokens_clawed_back=BigInt(row.tokens_clawed_back),
+            shortfall=BigInt(row.shortfall),
+            created_at=row.created_at,
+            paid_at=row.paid_at,
+            _organization_id=row.organization_id,
+            _package_id=row.package_id,
+        )
+
+    @strawberry.field
+    async def organization(
+        self, info: Info
+    ) -> Annotated[Organization, strawberry.lazy("orgwallet.schema.types")]:
+        from orgwallet.schema.types import Organization
+
+        async with info.context.reading() as session:
+            row = await session.get(models.Organization, self._organization_id)
+        assert row is not None
+        return Organization.of(row)
+
+    @strawberry.field(description="The package bought (null for a custom amount), at today's price.")
+    async def package(self, info: Info) -> TokenPackage | None:
+        if self._package_id is None:
+            return None
+        async with info.context.reading() as session:
+            for item in await pricing.priced_packages(session, self._organization_id, include_archived=True):
+                if item.package.id == self._package_id:
+                    return TokenPackage.of(item)
+        return None
+
+    @classmethod
+    async def resolve_nodes(  # type: ignore[override]
+        cls, *, info: Info, node_ids: Iterable[str], required: bool = False
+    ) -> list[Self | None]:
+        out: list[Self | None] = []
+        async with info.context.reading() as session:
+            for node_id in node_ids:
+                purchase_id = _uuid(node_id)
+                row = None
+                if purchase_id is not None:
+                    try:
+                        row = await purchase_service.get_purchase(
+                            session, info.context.principal, purchase_id
+                        )
+                    except OrgWalletError:
+                        row = None
+                out.append(cls.of(row) if row is not None else None)
+        return out
+
+
+@strawberry.type
+class PurchaseEdge:
+    cursor: str
+    node: Purchase
+
+
+@strawberry.type
+class PurchaseConnection:
+    edges: list[PurchaseEdge]
+    page_info: relay.PageInfo
+
+
+async def purchase_connection(
+    info: Info,
+    organization_id: uuid.UUID,
+    *,
+    first: int | None,
+    after: str | None,
+    status: list[PurchaseStatus] | None,
+) -> PurchaseConnection:
+    async with info.context.reading() as session:
+        page = await purchase_service.list_purchases(
+            session,
+            info.context.principal,
+            organization_id,
+            first=50 if first is None else first,
+            after=after,
+            statuses=[s.model() for s in status] if status else None,
+        )
+    edges = [
+        PurchaseEdge(cursor=purchase_service.encode_cursor(row.id), node=Purchase.of(row))
+        for row in page.purchases
+    ]
+    return PurchaseConnection(
+        edges=edges,
+        page_info=relay.PageInfo(
+            has_next_page=page.has_next,
+            has_previous_page=after is not None,
+            start_cursor=edges[0].cursor if edges else None,
+            end_cursor=edges[-1].cursor if edges else None,
+        ),
+    )
+
+
+# ---------------------------------------------------------------- inputs
+
+
+@strawberry.input
+class StartCheckoutInput:
+    organization_id: strawberry.ID
+    package_id: strawberry.ID | None = strawberry.field(
+        default=None, description="Exactly one of packageId and tokens."
+    )
+    tokens: BigInt | None = None
+    success_url: str
+    cancel_url: str
+    idempotency_key: str | None = None
+
+
+@strawberry.input
+class PurchaseWithSavedCardInput:
+    organization_id: strawberry.ID
+    package_id: strawberry.ID | None = strawberry.field(
+        default=None, description="Exactly one of packageId and tokens."
+    )
+    tokens: BigInt | None = None
+    idempotency_key: str
+
+
+@strawberry.input
+class SetupPaymentMethodInput:
+    organization_id: strawberry.ID
+    success_url: str
+    cancel_url: str
+
+
+@strawberry.input
+class CreateTokenPackageInput:
+    code: str = strawberry.field(description="Stable identifier: lowercase letters, digits, '-', '_'.")
+    name: str
+    tokens: BigInt
+    price_minor: int
+    currency: str | None = "USD"
+    badge: str | None = None
+    sort: int | None = 0
+    active: bool | None = True
+
+
+@strawberry.input(description='Fields left out (or null) stay as they are; `badge: ""` removes the badge.')
+class UpdateTokenPackageInput:
+    package_id: strawberry.ID
+    name: str | None = None
+    tokens: BigInt | None = None
+    price_minor: int | None = None
+    badge: str | None = None
+    sort: int | None = None
+    active: bool | None = None
+
+
+@strawberry.input
+class ArchiveTokenPackageInput:
+    package_id: strawberry.ID
+
+
+@strawberry.input
+class PriceTierInput:
+    min_tokens: BigInt
+    unit_price_minor: int
+
+
+@strawberry.input
+class SetPriceTiersInput:
+    currency: str | None = "USD"
+    tiers: list[PriceTierInput]
+
+
+@strawberry.input(
+    description="A fixed price for one package, or a discount on one package; with no package, a "
+    "discount on every package and on custom amounts."
+)
+class SetOrganizationPriceInput:
+    organization_id: strawberry.ID
+    package_id: strawberry.ID | None = None
+    price_minor: int | None = None
+    discount_percent: int | None = None
+
+
+@strawberry.input
+class ClearOrganizationPriceInput:
+    organization_id: strawberry.ID
+    package_id: strawberry.ID | None = None
+
+
+# ---------------------------------------------------------------- payloads and errors
+
+
+@strawberry.type
+class CheckoutStarted:
+    purchase: Purchase
+    checkout_url: str = strawberry.field(description="Stripe's hosted payment page: send the buyer there.")
+
+
+@strawberry.type
+class PurchaseStarted:
+    purchase: Purchase = strawberry.field(
+        description="PENDING until Stripe's webhook confirms the payment, then PAID with the tokens credited."
+    )
+
+
+@strawberry.type
+class PaymentDeclined(UserError):
+    decline_code: str | None
+    purchase: Purchase = strawberry.field(description="The purchase, now FAILED.")
+
+
+@strawberry.type
+class PaymentMethodRequired(UserError):
+    pass
+
+
+@strawberry.type
+class PaymentMethodSetupStarted:
+    checkout_url: str = strawberry.field(description="Stripe's hosted page that saves a card.")
+
+
+@strawberry.type
+class TokenPackageSaved:
+    package: TokenPackage
+
+
+@strawberry.type
+class PriceTiersSet:
+    tiers: list[PriceTier]
+
+
+@strawberry.type
+class OrganizationPriceSet:
+    price: OrganizationPrice
+    packages: list[TokenPackage] = strawberry.field(
+        description="The catalogue as the organization now sees it."
+    )
+
+
+@strawberry.type
+class OrganizationPriceCleared:
+    packages: list[TokenPackage] = strawberry.field(
+        description="The catalogue as the organization now sees it."
+    )
+
+
+StartCheckoutResult = Annotated[
+    CheckoutStarted | IdempotencyConflict | InvalidInput | NotFound,
+    strawberry.union("StartCheckoutResult"),
+]
+PurchaseWithSavedCardResult = Annotated[
+    PurchaseStarted | PaymentDeclined | PaymentMethodRequired | IdempotencyConflict | InvalidInput | NotFound,
+    strawberry.union("PurchaseWithSavedCardResult"),
+]
+SetupPaymentMethodResult = Annotated[
+    PaymentMethodSetupStarted | InvalidInput | NotFound,
+    strawberry.union("SetupPaymentMethodResult"),
+]
+TokenPackageResult = Annotated[
+    TokenPackageSaved | InvalidInput | NotFound | Conflict,
+    strawberry.union("TokenPackageResult"),
+]
+SetPriceTiersResult = Annotated[PriceTiersSet | InvalidInput, strawberry.union("SetPriceTiersResult")]
+SetOrganizationPriceResult = Annotated[
+    OrganizationPriceSet | InvalidInput | NotFound, strawberry.union("SetOrganizationPriceResult")
+]
+ClearOrganizationPriceResult = Annotated[
+    OrganizationPriceCleared | InvalidInput | NotFound, strawberry.union("ClearOrganizationPriceResult")
+]

@@ -1,0 +1,978 @@
+"""Buying tokens: Checkout and saved-card purchases, saving a card, the purchase history, and
+what Stripe's verified events do to a purchase.
+
+Tokens are credited in one place, ``credit_purchase``, called only for a verified webhook
+event that shows the payment paid, with the amount and currency of the purchase. It locks the
+purchase row, and credits through ``ledger.credit`` with the key ``purchase:<id>``: whatever
+arrives twice, concurrently or out of order, a purchase is credited once. Refunds and disputes
+take back, through ``ledger.clawback``, what is left of the purchase's lot, and record on the
+purchase what had been spent already (the shortfall).
+
+Stripe is called with idempotency keys derived from the purchase (``purchase-<id>-checkout``,
+``purchase-<id>-charge``), so a retried request never pays twice.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import stripe
+from sqlalchemy import text, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlmodel import col, select
+from uuid6 import uuid7
+
+from orgwallet import ledger
+from orgwallet.auth.permissions import Permission
+from orgwallet.auth.principals import Principal
+from orgwallet.config import Settings
+from orgwallet.db.engine import transaction
+from orgwallet.db.models import (
+    AuditEntry,
+    Organization,
+    PaymentAlert,
+    Purchase,
+    PurchaseMethod,
+    PurchaseStatus,
+    StripeCustomer,
+)
+from orgwallet.errors import IdempotencyConflict, InvalidInput, NotFound, OrgWalletError
+from orgwallet.payments.gateway import CheckoutLink, PaymentDeclined, StripeGateway
+from orgwallet.services import access, audit, pricing, validation, wallets
+from orgwallet.services.audit import request_id_var
+
+log = logging.getLogger(__name__)
+
+#: The actor of everything Stripe's events do (ledger entries, audit rows).
+STRIPE_ACTOR = "stripe"
+MAX_PAGE = 500
+MAX_URL_LENGTH = 2048
+
+PAID_STATES = frozenset(
+    {PurchaseStatus.PAID, PurchaseStatus.REFUNDED, PurchaseStatus.PARTIALLY_REFUNDED, PurchaseStatus.DISPUTED}
+)
+CLOSED_DISPUTE_STATES = frozenset({"won", "lost", "warning_closed"})
+
+
+class PaymentMethodRequired(OrgWalletError):
+    """The organization has no saved card to charge (``setupPaymentMethod`` saves one)."""
+
+    code = "PAYMENT_METHOD_REQUIRED"
+
+    def __init__(self, organization_id: uuid.UUID) -> None:
+        super().__init__("the organization has no saved payment method: save one with setupPaymentMethod")
+        self.organization_id = organization_id
+
+
+@dataclass(frozen=True, slots=True)
+class CheckoutStarted:
+    purchase: Purchase
+    checkout_url: str
+    replayed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SavedCardOutcome:
+    """The purchase after the charge; ``declined`` when the card was declined (the purchase
+    is then FAILED with the reason)."""
+
+    purchase: Purchase
+    declined: PaymentDeclined | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Priced:
+    package_id: uuid.UUID | None
+    tokens: int
+    amount_minor: int
+    currency: str
+    product_name: str
+
+
+# ---------------------------------------------------------------- starting a purchase
+
+
+def _url(value: str, field: str) -> str:
+    cleaned = (value or "").strip()
+    parts = urlsplit(cleaned)
+    if len(cleaned) > MAX_URL_LENGTH or parts.scheme not in ("http", "https") or not parts.netloc:
+        raise InvalidInput(f"{field} must be an http(s) URL", field=field)
+    return cleaned
+
+
+async def _price(
+    session: AsyncSession,
+    settings: Settings,
+    organization_id: uuid.UUID,
+    package_id: uuid.UUID | None,
+    tokens: object | None,
+) -> _Priced:
+    if (package_id is None) == (tokens is None):
+        raise InvalidInput("give exactly one of packageId and tokens", field="packageId")
+    if package_id is not None:
+        priced = await pricing.price_package(session, organization_id, package_id)
+        return _Priced(
+            package_id=priced.package.id,
+            tokens=priced.package.tokens,
+            amount_minor=priced.price_minor,
+            currency=priced.package.currency,
+            product_name=priced.package.name,
+        )
+    quote = await pricing.price_tokens(session, settings, organization_id, tokens)
+    return _Priced(
+        package_id=None,
+        tokens=quote.tokens,
+        amount_minor=quote.price_minor,
+        currency=quote.currency,
+        product_name=f"{quote.tokens} tokens",
+    )
+
+
+async def _by_key(session: AsyncSession, organization_id: uuid.UUID, key: str) -> Purchase | None:
+    statement = (
+        select(Purchase)
+        .where(col(Purchase.organization_id) == organization_id, col(Purchase.idempotency_key) == key)
+        .execution_options(populate_existing=True)
+    )
+    return (await session.execute(statement)).scalars().one_or_none()
+
+
+async def _same_request(
+    session: AsyncSession,
+    existing: Purchase,
+    method: PurchaseMethod,
+    key: str,
+    *,
+    package_id: uuid.UUID | None,
+    tokens: object | None,
+) -> Purchase:
+    """A purchase already made under the key: the same request again is answered with it
+    (whatever the prices are now); another request under the same key is a conflict."""
+    same = (
+        existing.method == method
+        and existing.package_id == package_id
+        and (
+            package_id is not None
+            or (tokens is not None and not isinstance(tokens, bool) and existing.tokens == tokens)
+        )
+    )
+    if not same:
+        wallet_id = await wallets.wallet_id_of(session, existing.organization_id)
+        raise IdempotencyConflict(wallet_id, key)
+    return existing
+
+
+async def _insert(
+    session: AsyncSession,
+    principal: Principal,
+    organization_id: uuid.UUID,
+    priced: _Priced,
+    method: PurchaseMethod,
+    key: str | None,
+) -> Purchase | None:
+    """The new PENDING purchase; None when a purchase under ``key`` exists (a concurrent
+    request inserted it first: the insert waited for it)."""
+    statement = insert(Purchase).values(
+        id=uuid7(),  # time-ordered: the history pages on it
+        organization_id=organization_id,
+        package_id=priced.package_id,
+        tokens=priced.tokens,
+        amount_minor=priced.amount_minor,
+        currency=priced.currency,
+        status=PurchaseStatus.PENDING.value,
+        method=method.value,
+        idempotency_key=key,
+        created_by=principal.actor,
+    )
+    if key is not None:
+        statement = statement.on_conflict_do_nothing(index_elements=["organization_id", "idempotency_key"])
+    inserted = await session.execute(statement.returning(Purchase))
+    return inserted.scalar_one_or_none()
+
+
+def _purchase_snapshot(purchase: Purchase) -> dict[str, Any]:
+    return {
+        "reference": purchase.reference,
+        "method": purchase.method,
+        "status": purchase.status,
+        "tokens": purchase.tokens,
+        "amount_minor": purchase.amount_minor,
+        "currency": purchase.currency,
+        "package_id": str(purchase.package_id) if purchase.package_id else None,
+    }
+
+
+async def _customer(
+    session: AsyncSession, gateway: StripeGateway, organization_id: uuid.UUID, *, replace: str | None = None
+) -> str:
+    """The organization's Stripe customer, created on first need. ``replace``: a customer id
+    Stripe no longer knows (deleted in the dashboard, or a restarted simulator): make a new one."""
+    row = await session.get(StripeCustomer, organization_id, populate_existing=True)
+    if row is not None and row.customer_id != replace:
+        return row.customer_id
+    organization = await session.get(Organization, organization_id)
+    if organization is None:
+        raise NotFound("organization not found")
+    key = (
+        f"org-{organization_id}-customer"
+        if replace is None
+        else f"org-{organization_id}-customer-{uuid.uuid4()}"
+    )
+    customer = await gateway.create_customer(
+        name=organization.name,
+        email=None,
+        metadata={"organization_id": str(organization_id), "slug": organization.slug},
+        idempotency_key=key,
+    )
+    now = datetime.now(UTC)
+    await session.execute(
+        insert(StripeCustomer)
+        .values(organization_id=organization_id, customer_id=customer.id)
+        .on_conflict_do_update(
+            index_elements=["organization_id"],
+            set_={"customer_id": customer.id, "default_payment_method": None, "updated_at": now},
+            where=col(StripeCustomer.customer_id) == replace if replace else None,
+        )
+    )
+    row = await session.get(StripeCustomer, organization_id, populate_existing=True)
+    assert row is not None
+    return row.customer_id
+
+
+def _missing_customer(error: stripe.InvalidRequestError) -> bool:
+    return error.code == "resource_missing" and error.param == "customer"
+
+
+async def start_checkout(
+    session: AsyncSession,
+    principal: Principal,
+    gateway: StripeGateway,
+    settings: Settings,
+    organization_id: uuid.UUID,
+    *,
+    package_id: uuid.UUID | None,
+    tokens: object | None,
+    success_url: str,
+    cancel_url: str,
+    idempotency_key: str | None,
+) -> CheckoutStarted:
+    """A PENDING purchase and its Stripe Checkout Session (mode payment, the purchase id in
+    its metadata). With an idempotency key, the same request again returns the same purchase."""
+    await access.authorize(session, principal, organization_id, Permission.TOKENS_PURCHASE)
+    key = None if idempotency_key is None else validation.idempotency_key(idempotency_key)
+    success = _url(success_url, "successUrl")
+    cancel = _url(cancel_url, "cancelUrl")
+    method = PurchaseMethod.CHECKOUT
+    if key is not None and (existing := await _by_key(session, organization_id, key)) is not None:
+        return await _replayed_checkout(session, existing, key, package_id=package_id, tokens=tokens)
+    priced = await _price(session, settings, organization_id, package_id, tokens)
+    purchase = await _insert(session, principal, organization_id, priced, method, key)
+    if purchase is None:  # a concurrent request with the key committed it meanwhile
+        assert key is not None
+        existing = await _by_key(session, organization_id, key)
+        assert existing is not None
+        return await _replayed_checkout(session, existing, key, package_id=package_id, tokens=tokens)
+
+    customer_id = await _customer(session, gateway, organization_id)
+    arguments: dict[str, Any] = {
+        "purchase_id": str(purchase.id),
+        "amount_minor": purchase.amount_minor,
+        "currency": purchase.currency,
+        "product_name": priced.product_name,
+        "success_url": success,
+        "cancel_url": cancel,
+        "metadata": {"organization_id": str(organization_id), "reference": purchase.reference},
+    }
+    link: CheckoutLink
+    try:
+        link = await gateway.create_payment_checkout(
+            customer_id=customer_id, idempotency_key=f"purchase-{purchase.id}-checkout", **arguments
+        )
+    except stripe.InvalidRequestError as error:
+        if not _missing_customer(error):
+            raise
+        customer_id = await _customer(session, gateway, organization_id, replace=customer_id)
+        link = await gateway.create_payment_checkout(
+            customer_id=customer_id, idempotency_key=f"purchase-{purchase.id}-checkout-2", **arguments
+        )
+    purchase.checkout_session_id = link.session_id
+    purchase.checkout_url = link.url
+    session.add(purchase)
+    await session.flush()
+    await audit.record(
+        session,
+        principal,
+        action="purchase.start_checkout",
+        organization_id=organization_id,
+        target_type="purchase",
+        target_id=purchase.id,
+        after=_purchase_snapshot(purchase) | {"checkout_session_id": link.session_id},
+    )
+    return CheckoutStarted(purchase, link.url)
+
+
+async def _replayed_checkout(
+    session: AsyncSession,
+    existing: Purchase,
+    key: str,
+    *,
+    package_id: uuid.UUID | None,
+    tokens: object | None,
+) -> CheckoutStarted:
+    purchase = await _same_request(
+        session, existing, PurchaseMethod.CHECKOUT, key, package_id=package_id, tokens=tokens
+    )
+    assert purchase.checkout_url is not None
+    return CheckoutStarted(purchase, purchase.checkout_url, replayed=True)
+
+
+async def _default_payment_method(
+    session: AsyncSession, gateway: StripeGateway, organization_id: uuid.UUID
+) -> tuple[str, str]:
+    """The customer and the card to charge off-session; ``PaymentMethodRequired`` if none."""
+    row = await session.get(StripeCustomer, organization_id, populate_existing=True)
+    if row is None:
+        raise PaymentMethodRequired(organization_id)
+    if row.default_payment_method:
+        return row.customer_id, row.default_payment_method
+    # The setup's webhook may not have arrived yet: Stripe's own word is the truth.
+    try:
+        method = await gateway.default_payment_method_id(row.customer_id)
+    except stripe.InvalidRequestError as error:
+        if error.code == "resource_missing":
+            raise PaymentMethodRequired(organization_id) from error
+        raise
+    if method is None:
+        raise PaymentMethodRequired(organization_id)
+    return row.customer_id, method
+
+
+async def purchase_with_saved_card(
+    sessions: async_sessionmaker[AsyncSession],
+    principal: Principal,
+    gateway: StripeGateway,
+    settings: Settings,
+    organization_id: uuid.UUID,
+    *,
+    package_id: uuid.UUID | None,
+    tokens: object | None,
+    idempotency_key: str,
+    method: PurchaseMethod = PurchaseMethod.SAVED_CARD,
+) -> SavedCardOutcome:
+    """Charges the organization's default card off-session.
+
+    Runs its own transactions: the PENDING purchase is committed BEFORE Stripe is called, so
+    the payment's webhook events (which may arrive before this call returns) always find it;
+    the outcome of the charge is written afterwards. Tokens come from the webhook. The same
+    key again returns the purchase, and charges a purchase left uncharged (a crash between
+    the two) with the same Stripe idempotency key, so it is never charged twice."""
+    async with transaction(sessions) as session:
+        await access.authorize(session, principal, organization_id, Permission.TOKENS_PURCHASE)
+        key = validation.idempotency_key(idempotency_key)
+        purchase = await _by_key(session, organization_id, key)
+        if purchase is not None:
+            purchase = await _same_request(
+                session, purchase, method, key, package_id=package_id, tokens=tokens
+            )
+            if purchase.status != PurchaseStatus.PENDING or purchase.payment_intent_id is not None:
+                return SavedCardOutcome(purchase)
+            customer_id, payment_method = await _default_payment_method(session, gateway, organization_id)
+        else:
+            priced = await _price(session, settings, organization_id, package_id, tokens)
+            customer_id, payment_method = await _default_payment_method(session, gateway, organization_id)
+            purchase = await _insert(session, principal, organization_id, priced, method, key)
+            if purchase is None:  # a concurrent request with the key committed it meanwhile
+                existing = await _by_key(session, organization_id, key)
+                assert existing is not None
+                return SavedCardOutcome(
+                    await _same_request(session, existing, method, key, package_id=package_id, tokens=tokens)
+                )
+            await audit.record(
+                session,
+                principal,
+                action="purchase.saved_card"
+                if method == PurchaseMethod.SAVED_CARD
+                else "purchase.auto_top_up",
+                organization_id=organization_id,
+                target_type="purchase",
+                target_id=purchase.id,
+                after=_purchase_snapshot(purchase) | {"payment_method": payment_method},
+            )
+    try:
+        intent = await gateway.charge_saved_payment_method(
+            customer_id=customer_id,
+            payment_method_id=payment_method,
+            amount_minor=purchase.amount_minor,
+            currency=purchase.currency,
+            metadata={
+                "purchase_id": str(purchase.id),
+                "organization_id": str(organization_id),
+                "reference": purchase.reference,
+            },
+            idempotency_key=f"purchase-{purchase.id}-charge",
+            description=f"{purchase.tokens} tokens ({purchase.reference})",
+        )
+    except PaymentDeclined as declined:
+        async with transaction(sessions) as session:
+            failed = await _lock(session, purchase.id)
+            link_payment_intent(failed, declined.payment_intent_id)
+            _fail(failed, decline_reason(declined.message, declined.decline_code or declined.stripe_code))
+            await session.flush()
+        return SavedCardOutcome(failed, declined)
+    async with transaction(sessions) as session:
+        charged = await _lock(session, purchase.id)
+        link_payment_intent(charged, intent.id)
+        await session.flush()
+    return SavedCardOutcome(charged)
+
+
+async def setup_payment_method(
+    session: AsyncSession,
+    principal: Principal,
+    gateway: StripeGateway,
+    organization_id: uuid.UUID,
+    *,
+    success_url: str,
+    cancel_url: str,
+) -> CheckoutLink:
+    """A Checkout Session in setup mode: the card saved there becomes the organization's
+    default payment method when its webhook arrives."""
+    await access.authorize(session, principal, organization_id, Permission.TOKENS_PURCHASE)
+    success = _url(success_url, "successUrl")
+    cancel = _url(cancel_url, "cancelUrl")
+    customer_id = await _customer(session, gateway, organization_id)
+    metadata = {"organization_id": str(organization_id)}
+    attempt = uuid.uuid4()
+    try:
+        link = await gateway.create_setup_checkout(
+            customer_id=customer_id,
+            success_url=success,
+            cancel_url=cancel,
+            idempotency_key=f"org-{organization_id}-setup-{attempt}",
+            metadata=metadata,
+        )
+    except stripe.InvalidRequestError as error:
+        if not _missing_customer(error):
+            raise
+        customer_id = await _customer(session, gateway, organization_id, replace=customer_id)
+        link = await gateway.create_setup_checkout(
+            customer_id=customer_id,
+            success_url=success,
+            cancel_url=cancel,
+            idempotency_key=f"org-{organization_id}-setup-{attempt}-2",
+            metadata=metadata,
+        )
+    await audit.record(
+        session,
+        principal,
+        action="payment_method.setup_started",
+        organization_id=organization_id,
+        target_type="stripe_customer",
+        target_id=customer_id,
+        after={"checkout_session_id": link.session_id},
+    )
+    return link
+
+
+# ---------------------------------------------------------------- reads
+
+
+async def get_purchase(
+    session: AsyncSession, principal: Principal, purchase_id: uuid.UUID
+) -> Purchase | None:
+    """The purchase, or None when it does not exist or is another organization's."""
+    row = await session.get(Purchase, purchase_id, populate_existing=True)
+    if row is None:
+        return None
+    try:
+        await access.authorize(session, principal, row.organization_id, Permission.TOKENS_VIEW)
+    except NotFound:
+        return None
+    return row
+
+
+@dataclass(frozen=True, slots=True)
+class PurchasePage:
+    purchases: list[Purchase]
+    has_next: bool
+
+
+def encode_cursor(purchase_id: uuid.UUID) -> str:
+    return base64.urlsafe_b64encode(f"purchase:{purchase_id}".encode()).decode()
+
+
+def decode_cursor(cursor: str) -> uuid.UUID:
+    try:
+        prefix, _, value = base64.urlsafe_b64decode(cursor.encode()).decode().partition(":")
+        if prefix != "purchase":
+            raise ValueError(prefix)
+        return uuid.UUID(value)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInput("after is not a cursor of this connection", field="after") from exc
+
+
+async def list_purchases(
+    session: AsyncSession,
+    principal: Principal,
+    organization_id: uuid.UUID,
+    *,
+    first: int,
+    after: str | None,
+    statuses: Sequence[PurchaseStatus] | None,
+) -> PurchasePage:
+    """Newest first. Ids are time-ordered (UUID v7), so a page never shifts when purchases
+    are added."""
+    await access.authorize(session, principal, organization_id, Permission.TOKENS_VIEW)
+    if not 0 <= first <= MAX_PAGE:
+        raise InvalidInput(f"first must be between 0 and {MAX_PAGE}", field="first")
+    statement = select(Purchase).where(col(Purchase.organization_id) == organization_id)
+    if after is not None:
+        statement = statement.where(col(Purchase.id) < decode_cursor(after))
+    if statuses:
+        statement = statement.where(col(Purchase.status).in_([s.value for s in statuses]))
+    rows = list(
+        (
+            await session.execute(
+                statement.order_by(col(Purchase.id).desc())
+                .limit(first + 1)
+                .execution_options(populate_existing=True)
+            )
+        ).scalars()
+    )
+    return PurchasePage(purchases=rows[:first], has_next=len(rows) > first)
+
+
+# ---------------------------------------------------------------- what Stripe's events do
+
+
+@dataclass(frozen=True, slots=True)
+class Payment:
+    """A payment a verified Stripe event reports as paid, with the figures it carried."""
+
+    event_id: str
+    object_id: str  # the cs_, pi_ or ch_ the figures come from
+    amount_minor: int
+    currency: str
+    payment_intent_id: str | None = None
+    charge_id: str | None = None
+    receipt_url: str | None = None
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+async def _lock(session: AsyncSession, purchase_id: uuid.UUID) -> Purchase:
+    row = await session.get(Purchase, purchase_id, with_for_update=True, populate_existing=True)
+    if row is None:
+        raise NotFound("purchase not found")
+    return row
+
+
+def _uuid(value: object) -> uuid.UUID | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        return None
+
+
+async def find_purchase(
+    session: AsyncSession,
+    *,
+    purchase_id: object = None,
+    checkout_session_id: str | None = None,
+    payment_intent_id: str | None = None,
+    charge_id: str | None = None,
+) -> Purchase | None:
+    """The purchase a Stripe object belongs to, locked (``FOR UPDATE``) for the rest of the
+    transaction: by the Stripe ids recorded on it, else by the ``purchase_id`` in metadata."""
+    lookups = [
+        (col(Purchase.checkout_session_id), checkout_session_id),
+        (col(Purchase.payment_intent_id), payment_intent_id),
+        (col(Purchase.charge_id), charge_id),
+        (col(Purchase.id), _uuid(purchase_id)),
+    ]
+    for column, value in lookups:
+        if value is None:
+            continue
+        row = (
+            await session.execute(
+                select(Purchase)
+                .where(column == value)
+                .with_for_update()
+                .execution_options(populate_existing=True)
+            )
+        ).scalar_one_or_none()
+        if row is not None:
+            return row
+    return None
+
+
+def link_payment_intent(purchase: Purchase, payment_intent_id: str | None) -> None:
+    if payment_intent_id and purchase.payment_intent_id is None:
+        purchase.payment_intent_id = payment_intent_id
+        purchase.updated_at = _now()
+
+
+def decline_reason(message: str | None, code: str | None) -> str:
+    reason = (message or "The payment failed.").strip()
+    if code and code not in reason:
+        reason = f"{reason} ({code})"
+    return reason[:1000]
+
+
+def _fail(purchase: Purchase, reason: str) -> bool:
+    if purchase.status != PurchaseStatus.PENDING:
+        return False
+    purchase.status = PurchaseStatus.FAILED
+    purchase.failure_reason = reason
+    purchase.updated_at = _now()
+    return True
+
+
+def _stripe_audit(
+    session: AsyncSession,
+    purchase: Purchase,
+    action: str,
+    *,
+    before: dict[str, Any] | None = None,
+    after: dict[str, Any] | None = None,
+) -> None:
+    session.add(
+        AuditEntry(
+            actor=STRIPE_ACTOR,
+            action=action,
+            organization_id=purchase.organization_id,
+            target_type="purchase",
+            target_id=str(purchase.id),
+            before=before,
+            after=after,
+            request_id=request_id_var.get(),
+        )
+    )
+
+
+async def _alert_mismatch(session: AsyncSession, purchase: Purchase, payment: Payment) -> str:
+    kind = "currency_mismatch" if payment.currency.upper() != purchase.currency else "amount_mismatch"
+    session.add(
+        PaymentAlert(
+            kind=kind,
+            organization_id=purchase.organization_id,
+            purchase_id=purchase.id,
+            stripe_event_id=payment.event_id,
+            stripe_object_id=payment.object_id,
+            expected_amount_minor=purchase.amount_minor,
+            expected_currency=purchase.currency,
+            received_amount_minor=payment.amount_minor,
+            received_currency=payment.currency,
+        )
+    )
+    _stripe_audit(
+        session,
+        purchase,
+        f"purchase.{kind}",
+        before=_purchase_snapshot(purchase),
+        after={
+            "stripe_event": payment.event_id,
+            "stripe_object": payment.object_id,
+            "amount_minor": payment.amount_minor,
+            "currency": payment.currency,
+        },
+    )
+    log.error(
+        "payment %s for purchase %s (%s) does not match it: paid %s %s, expected %s %s; nothing credited",
+        payment.object_id,
+        purchase.reference,
+        purchase.id,
+        payment.amount_minor,
+        payment.currency,
+        purchase.amount_minor,
+        purchase.currency,
+    )
+    await session.flush()
+    return "mismatch"
+
+
+async def credit_purchase(
+    session: AsyncSession, gateway: StripeGateway, purchase: Purchase, payment: Payment
+) -> str:
+    """Credits a paid purchase once (``purchase`` locked by ``find_purchase``). A payment whose
+    amount or currency is not the purchase's is recorded as an alert and credits nothing."""
+    if purchase.lot_id is not None:
+        link_payment_intent(purchase, payment.payment_intent_id)
+        await session.flush()
+        return "already_credited"
+    if payment.amount_minor != purchase.amount_minor or payment.currency.upper() != purchase.currency:
+        return await _alert_mismatch(session, purchase, payment)
+    charge_id, receipt_url = payment.charge_id, payment.receipt_url
+    if receipt_url is None and payment.payment_intent_id:
+        charge = await gateway.latest_charge(payment.payment_intent_id)
+        if charge is not None:
+            charge_id, receipt_url = charge_id or charge.id, charge.receipt_url
+    wallet_id = await wallets.wallet_id_of(session, purchase.organization_id)
+    posting = await ledger.credit(
+        session,
+        wallet_id,
+        amount=purchase.tokens,
+        source=ledger.GrantSource.PURCHASE,
+        actor=STRIPE_ACTOR,
+        key=f"purchase:{purchase.id}",
+        cost_minor=purchase.amount_minor,
+        currency=purchase.currency,
+        reason=f"purchase {purchase.reference}",
+        reference_id=purchase.id,
+    )
+    assert posting.entry is not None
+    lot_id = await session.scalar(
+        text("SELECT id FROM credit_lots WHERE entry_id = :entry"), {"entry": posting.entry.id}
+    )
+    before = _purchase_snapshot(purchase)
+    now = _now()
+    purchase.status = PurchaseStatus.PAID
+    purchase.lot_id = lot_id
+    purchase.paid_at = now
+    purchase.updated_at = now
+    purchase.receipt_url = receipt_url or purchase.receipt_url
+    purchase.charge_id = purchase.charge_id or charge_id
+    purchase.failure_reason = None
+    link_payment_intent(purchase, payment.payment_intent_id)
+    await session.flush()
+    _stripe_audit(
+        session,
+        purchase,
+        "purchase.paid",
+        before=before,
+        after=_purchase_snapshot(purchase) | {"stripe_event": payment.event_id, "lot_id": str(lot_id)},
+    )
+    return "credited"
+
+
+async def fail_purchase(session: AsyncSession, purchase: Purchase, reason: str) -> str:
+    """A payment that did not go through: a PENDING purchase becomes FAILED (no tokens)."""
+    before = _purchase_snapshot(purchase)
+    if not _fail(purchase, reason[:1000]):
+        return "ignored"
+    await session.flush()
+    _stripe_audit(session, purchase, "purchase.failed", before=before, after=_purchase_snapshot(purchase))
+    return "failed"
+
+
+async def note_declined_attempt(session: AsyncSession, purchase: Purchase, reason: str) -> str:
+    """A declined attempt on a Checkout page: the session stays open (the buyer may try
+    another card), so the purchase stays PENDING; the reason is kept for the history."""
+    if purchase.status != PurchaseStatus.PENDING:
+        return "ignored"
+    purchase.failure_reason = reason[:1000]
+    purchase.updated_at = _now()
+    await session.flush()
+    return "attempt_declined"
+
+
+async def expire_purchase(session: AsyncSession, purchase: Purchase) -> str:
+    if purchase.status != PurchaseStatus.PENDING:
+        return "ignored"
+    before = _purchase_snapshot(purchase)
+    purchase.status = PurchaseStatus.EXPIRED
+    purchase.updated_at = _now()
+    await session.flush()
+    _stripe_audit(session, purchase, "purchase.expired", before=before, after=_purchase_snapshot(purchase))
+    return "expired"
+
+
+async def _claw_back(
+    session: AsyncSession, purchase: Purchase, tokens: int, *, key: str, reason: str
+) -> tuple[int, int]:
+    """Takes back up to ``tokens`` from the purchase's lot: (taken, shortfall)."""
+    if tokens <= 0:
+        return 0, 0
+    assert purchase.lot_id is not None
+    posting = await ledger.clawback(
+        session,
+        purchase.lot_id,
+        amount=tokens,
+        key=key,
+        actor=STRIPE_ACTOR,
+        reason=reason,
+        reference_id=purchase.id,
+    )
+    taken = -posting.entry.amount if posting.entry is not None else 0
+    return taken, tokens - taken
+
+
+async def apply_refund(
+    session: AsyncSession, gateway: StripeGateway, purchase: Purchase, charge: dict[str, Any], event_id: str
+) -> str:
+    """``charge.refunded``: takes back the refunded share of the tokens (refunded amount /
+    amount * tokens, rounded down; all of them for a full refund) as far as they are left in
+    the lot; the rest is recorded as the shortfall. ``amount_refunded`` is cumulative, so a
+    late or repeated event takes nothing more."""
+    if purchase.lot_id is None:
+        # The refund arrived before the payment's own event: the charge shows it was paid.
+        if not (charge.get("paid") and charge.get("status") == "succeeded"):
+            return "ignored"
+        outcome = await credit_purchase(session, gateway, purchase, _charge_payment(charge, event_id))
+        if outcome == "mismatch":
+            return outcome
+    refunded = min(int(charge.get("amount_refunded") or 0), purchase.amount_minor)
+    if refunded <= purchase.refunded_minor:
+        return "already_refunded"
+    before = _purchase_snapshot(purchase)
+    target = refunded * purchase.tokens // purchase.amount_minor
+    owed = target - purchase.tokens_clawed_back - purchase.shortfall
+    taken, short = await _claw_back(
+        session,
+        purchase,
+        owed,
+        key=f"purchase:{purchase.id}:refund:{refunded}",
+        reason=f"refund of purchase {purchase.reference}",
+    )
+    purchase.refunded_minor = refunded
+    purchase.tokens_clawed_back += taken
+    purchase.shortfall += short
+    if purchase.status != PurchaseStatus.DISPUTED:
+        full = refunded >= purchase.amount_minor
+        purchase.status = PurchaseStatus.REFUNDED if full else PurchaseStatus.PARTIALLY_REFUNDED
+    purchase.updated_at = _now()
+    await session.flush()
+    _stripe_audit(
+        session,
+        purchase,
+        "purchase.refunded",
+        before=before,
+        after=_purchase_snapshot(purchase)
+        | {"refunded_minor": refunded, "clawed_back": taken, "shortfall": short, "stripe_event": event_id},
+    )
+    return "refunded"
+
+
+async def apply_dispute(
+    session: AsyncSession, gateway: StripeGateway, purchase: Purchase, dispute: dict[str, Any], event_id: str
+) -> str:
+    """``charge.dispute.created`` (or a closed dispute seen first): takes back everything left
+    of the purchase's tokens; what was spent is the shortfall."""
+    dispute_id = str(dispute.get("id"))
+    status = str(dispute.get("status") or "")
+    if purchase.dispute_id == dispute_id and purchase.dispute_status in CLOSED_DISPUTE_STATES:
+        return "already_closed"  # a late 'created' after its 'closed'
+    if purchase.lot_id is None:
+        charge_id = dispute.get("charge")
+        if not isinstance(charge_id, str):
+            return "ignored"
+        charge = (await gateway.retrieve_charge(charge_id)).to_dict()
+        if not (charge.get("paid") and charge.get("status") == "succeeded"):
+            return "ignored"
+        outcome = await credit_purchase(session, gateway, purchase, _charge_payment(charge, event_id))
+        if outcome == "mismatch":
+            return outcome
+    before = _purchase_snapshot(purchase)
+    owed = purchase.tokens - purchase.tokens_clawed_back - purchase.shortfall
+    taken, short = await _claw_back(
+        session,
+        purchase,
+        owed,
+        key=f"purchase:{purchase.id}:dispute:{dispute_id}",
+        reason=f"dispute of purchase {purchase.reference}",
+    )
+    purchase.tokens_clawed_back += taken
+    purchase.shortfall += short
+    purchase.status = PurchaseStatus.DISPUTED
+    purchase.dispute_id = dispute_id
+    if purchase.dispute_status not in CLOSED_DISPUTE_STATES:
+        purchase.dispute_status = status or None
+    purchase.updated_at = _now()
+    await session.flush()
+    _stripe_audit(
+        session,
+        purchase,
+        "purchase.disputed",
+        before=before,
+        after=_purchase_snapshot(purchase)
+        | {"dispute": dispute_id, "clawed_back": taken, "shortfall": short, "stripe_event": event_id},
+    )
+    return "disputed"
+
+
+async def close_dispute(
+    session: AsyncSession, gateway: StripeGateway, purchase: Purchase, dispute: dict[str, Any], event_id: str
+) -> str:
+    """``charge.dispute.closed``: records the outcome (won or lost). The tokens taken back when
+    the dispute opened stay taken back; a lost dispute seen before its opening is applied."""
+    dispute_id = str(dispute.get("id"))
+    status = str(dispute.get("status") or "")
+    if purchase.dispute_id != dispute_id and status != "won":
+        await apply_dispute(session, gateway, purchase, dispute, event_id)
+    before = {"dispute_id": purchase.dispute_id, "dispute_status": purchase.dispute_status}
+    purchase.dispute_id = dispute_id
+    purchase.dispute_status = status
+    purchase.updated_at = _now()
+    await session.flush()
+    _stripe_audit(
+        session,
+        purchase,
+        "purchase.dispute_closed",
+        before=before,
+        after={"dispute_id": dispute_id, "dispute_status": status, "stripe_event": event_id},
+    )
+    return f"dispute_{status}" if status else "dispute_closed"
+
+
+def _charge_payment(charge: dict[str, Any], event_id: str) -> Payment:
+    intent = charge.get("payment_intent")
+    return Payment(
+        event_id=event_id,
+        object_id=str(charge.get("id")),
+        amount_minor=int(charge.get("amount") or 0),
+        currency=str(charge.get("currency") or ""),
+        payment_intent_id=intent if isinstance(intent, str) else None,
+        charge_id=str(charge.get("id")),
+        receipt_url=charge.get("receipt_url"),
+    )
+
+
+async def save_default_payment_method(
+    session: AsyncSession, gateway: StripeGateway, *, customer_id: str, payment_method_id: str, event_id: str
+) -> str:
+    """A card saved through a setup Checkout becomes the customer's default (in Stripe, for
+    off-session charges, and here)."""
+    row = (
+        await session.execute(
+            select(StripeCustomer)
+            .where(col(StripeCustomer.customer_id) == customer_id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+    ).scalar_one_or_none()
+    if row is None:
+        return "unknown_customer"
+    if row.default_payment_method == payment_method_id:
+        return "already_saved"
+    await gateway.set_default_payment_method(customer_id, payment_method_id)
+    before = row.default_payment_method
+    await session.execute(
+        update(StripeCustomer)
+        .where(col(StripeCustomer.organization_id) == row.organization_id)
+        .values(default_payment_method=payment_method_id, updated_at=_now())
+    )
+    session.add(
+        AuditEntry(
+            actor=STRIPE_ACTOR,
+            action="payment_method.saved",
+            organization_id=row.organization_id,
+            target_type="stripe_customer",
+            target_id=customer_id,
+            before={"default_payment_method": before},
+            after={"default_payment_method": payment_method_id, "stripe_event": event_id},
+            request_id=request_id_var.get(),
+        )
+    )
+    return "payment_method_saved"

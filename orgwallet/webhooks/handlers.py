@@ -1,0 +1,242 @@
+"""One handler per Stripe event type. Each reads the event's object (plain JSON, as verified),
+finds what it is about, and calls the purchases service; it returns a short outcome that is
+stored on the event (``credited``, ``unknown_purchase``, ``mismatch``, ...).
+
+Handlers run inside the transaction that stored the event, so the event and its effect are
+committed together; an exception rolls both back and the route answers 5xx.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from orgwallet.db.models import Purchase, PurchaseMethod
+from orgwallet.payments.gateway import StripeGateway
+from orgwallet.services import purchases
+from orgwallet.services.purchases import Payment
+
+log = logging.getLogger(__name__)
+
+JsonObject = dict[str, Any]
+UNKNOWN_PURCHASE = "unknown_purchase"
+
+
+@dataclass(frozen=True, slots=True)
+class EventContext:
+    session: AsyncSession
+    gateway: StripeGateway
+    event_id: str
+    event_type: str
+
+
+Handler = Callable[[EventContext, JsonObject], Awaitable[str]]
+
+
+def _str(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _id_of(value: object) -> str | None:
+    """An id field, whether Stripe sent the id or the expanded object."""
+    if isinstance(value, dict):
+        return _str(value.get("id"))
+    return _str(value)
+
+
+def _metadata(obj: JsonObject) -> JsonObject:
+    metadata = obj.get("metadata")
+    return metadata if isinstance(metadata, dict) else {}
+
+
+def _unknown(ctx: EventContext, obj: JsonObject) -> str:
+    log.warning("Stripe event %s (%s) for %s: no such purchase", ctx.event_id, ctx.event_type, obj.get("id"))
+    return UNKNOWN_PURCHASE
+
+
+async def _session_purchase(ctx: EventContext, checkout: JsonObject) -> Purchase | None:
+    return await purchases.find_purchase(
+        ctx.session,
+        checkout_session_id=_str(checkout.get("id")),
+        purchase_id=_metadata(checkout).get("purchase_id") or checkout.get("client_reference_id"),
+    )
+
+
+async def _credit_session(ctx: EventContext, checkout: JsonObject) -> str:
+    purchase = await _session_purchase(ctx, checkout)
+    if purchase is None:
+        return _unknown(ctx, checkout)
+    intent_id = _id_of(checkout.get("payment_intent"))
+    if checkout.get("status") != "complete" or checkout.get("payment_status") != "paid":
+        purchases.link_payment_intent(purchase, intent_id)
+        await ctx.session.flush()
+        return "awaiting_payment"
+    amount = checkout.get("amount_total")
+    payment = Payment(
+        event_id=ctx.event_id,
+        object_id=str(checkout.get("id")),
+        amount_minor=amount if isinstance(amount, int) else -1,
+        currency=str(checkout.get("currency") or ""),
+        payment_intent_id=intent_id,
+    )
+    return await purchases.credit_purchase(ctx.session, ctx.gateway, purchase, payment)
+
+
+async def checkout_session_completed(ctx: EventContext, checkout: JsonObject) -> str:
+    """Payment mode: paid -> credit; unpaid (a bank debit) -> wait for the async outcome.
+    Setup mode: the saved card becomes the default payment method."""
+    if checkout.get("mode") == "setup":
+        setup_intent_id = _id_of(checkout.get("setup_intent"))
+        customer_id = _id_of(checkout.get("customer"))
+        if setup_intent_id is None or customer_id is None:
+            return "ignored"
+        setup_intent = await ctx.gateway.retrieve_setup_intent(setup_intent_id)
+        method_id = _id_of(setup_intent.payment_method)
+        if setup_intent.status != "succeeded" or method_id is None:
+            return "ignored"
+        return await purchases.save_default_payment_method(
+            ctx.session,
+            ctx.gateway,
+            customer_id=customer_id,
+            payment_method_id=method_id,
+            event_id=ctx.event_id,
+        )
+    if checkout.get("mode") != "payment":
+        return "ignored"
+    return await _credit_session(ctx, checkout)
+
+
+async def checkout_session_async_payment_succeeded(ctx: EventContext, checkout: JsonObject) -> str:
+    return await _credit_session(ctx, checkout)
+
+
+async def checkout_session_async_payment_failed(ctx: EventContext, checkout: JsonObject) -> str:
+    purchase = await _session_purchase(ctx, checkout)
+    if purchase is None:
+        return _unknown(ctx, checkout)
+    purchases.link_payment_intent(purchase, _id_of(checkout.get("payment_intent")))
+    return await purchases.fail_purchase(
+        ctx.session, purchase, purchase.failure_reason or "The delayed payment (bank debit) failed."
+    )
+
+
+async def checkout_session_expired(ctx: EventContext, checkout: JsonObject) -> str:
+    if checkout.get("mode") != "payment":
+        return "ignored"
+    purchase = await _session_purchase(ctx, checkout)
+    if purchase is None:
+        return _unknown(ctx, checkout)
+    return await purchases.expire_purchase(ctx.session, purchase)
+
+
+async def _intent_purchase(ctx: EventContext, intent: JsonObject) -> Purchase | None:
+    return await purchases.find_purchase(
+        ctx.session,
+        payment_intent_id=_str(intent.get("id")),
+        purchase_id=_metadata(intent).get("purchase_id"),
+    )
+
+
+async def payment_intent_succeeded(ctx: EventContext, intent: JsonObject) -> str:
+    purchase = await _intent_purchase(ctx, intent)
+    if purchase is None:
+        return _unknown(ctx, intent)
+    if intent.get("status") != "succeeded":
+        return "ignored"
+    received = intent.get("amount_received")
+    payment = Payment(
+        event_id=ctx.event_id,
+        object_id=str(intent.get("id")),
+        amount_minor=received if isinstance(received, int) else -1,
+        currency=str(intent.get("currency") or ""),
+        payment_intent_id=_str(intent.get("id")),
+        charge_id=_id_of(intent.get("latest_charge")),
+        receipt_url=_str((intent.get("latest_charge") or {}).get("receipt_url"))
+        if isinstance(intent.get("latest_charge"), dict)
+        else None,
+    )
+    return await purchases.credit_purchase(ctx.session, ctx.gateway, purchase, payment)
+
+
+async def payment_intent_payment_failed(ctx: EventContext, intent: JsonObject) -> str:
+    """A saved-card (or automatic) charge that failed: FAILED with the reason. On a Checkout
+    page a declined card leaves the session open for another try: the purchase stays
+    PENDING (it expires with the session)."""
+    purchase = await _intent_purchase(ctx, intent)
+    if purchase is None:
+        return _unknown(ctx, intent)
+    error = intent.get("last_payment_error")
+    error = error if isinstance(error, dict) else {}
+    reason = purchases.decline_reason(
+        _str(error.get("message")), _str(error.get("decline_code")) or _str(error.get("code"))
+    )
+    purchases.link_payment_intent(purchase, _str(intent.get("id")))
+    if purchase.method == PurchaseMethod.CHECKOUT:
+        return await purchases.note_declined_attempt(ctx.session, purchase, reason)
+    return await purchases.fail_purchase(ctx.session, purchase, reason)
+
+
+async def _charge_purchase(ctx: EventContext, charge: JsonObject) -> Purchase | None:
+    return await purchases.find_purchase(
+        ctx.session,
+        payment_intent_id=_id_of(charge.get("payment_intent")),
+        charge_id=_str(charge.get("id")),
+        purchase_id=_metadata(charge).get("purchase_id"),
+    )
+
+
+async def charge_refunded(ctx: EventContext, charge: JsonObject) -> str:
+    purchase = await _charge_purchase(ctx, charge)
+    if purchase is None:
+        return _unknown(ctx, charge)
+    return await purchases.apply_refund(ctx.session, ctx.gateway, purchase, charge, ctx.event_id)
+
+
+async def _dispute_purchase(ctx: EventContext, dispute: JsonObject) -> Purchase | None:
+    return await purchases.find_purchase(
+        ctx.session,
+        payment_intent_id=_id_of(dispute.get("payment_intent")),
+        charge_id=_id_of(dispute.get("charge")),
+    )
+
+
+async def charge_dispute_created(ctx: EventContext, dispute: JsonObject) -> str:
+    purchase = await _dispute_purchase(ctx, dispute)
+    if purchase is None:
+        return _unknown(ctx, dispute)
+    return await purchases.apply_dispute(ctx.session, ctx.gateway, purchase, dispute, ctx.event_id)
+
+
+async def charge_dispute_closed(ctx: EventContext, dispute: JsonObject) -> str:
+    purchase = await _dispute_purchase(ctx, dispute)
+    if purchase is None:
+        return _unknown(ctx, dispute)
+    return await purchases.close_dispute(ctx.session, ctx.gateway, purchase, dispute, ctx.event_id)
+
+
+async def setup_intent_succeeded(ctx: EventContext, setup_intent: JsonObject) -> str:
+    customer_id = _id_of(setup_intent.get("customer"))
+    method_id = _id_of(setup_intent.get("payment_method"))
+    if customer_id is None or method_id is None:
+        return "ignored"
+    return await purchases.save_default_payment_method(
+        ctx.session, ctx.gateway, customer_id=customer_id, payment_method_id=method_id, event_id=ctx.event_id
+    )
+
+
+HANDLERS: dict[str, Handler] = {
+    "checkout.session.completed": checkout_session_completed,
+    "checkout.session.async_payment_succeeded": checkout_session_async_payment_succeeded,
+    "checkout.session.async_payment_failed": checkout_session_async_payment_failed,
+    "checkout.session.expired": checkout_session_expired,
+    "payment_intent.succeeded": payment_intent_succeeded,
+    "payment_intent.payment_failed": payment_intent_payment_failed,
+    "charge.refunded": charge_refunded,
+    "charge.dispute.created": charge_dispute_created,
+    "charge.dispute.closed": charge_dispute_closed,
+    "setup_intent.succeeded": setup_intent_succeeded,
+}

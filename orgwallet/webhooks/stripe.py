@@ -1,0 +1,114 @@
+"""``POST /webhooks/stripe``: Stripe's events, verified, stored once, handled once.
+
+1. The signature is verified first (``Stripe-Signature`` against the webhook secret, 300 s
+   tolerance). A delivery that fails (no or bad signature, stale timestamp, another secret,
+   a body that is not an event) gets 400 and nothing is stored.
+2. In ONE transaction: the event is claimed under its id (insert on conflict), handled, and
+   stamped ``handled_at``. A crash leaves both the event and its effect, or neither.
+   The claim is ``INSERT ... ON CONFLICT (event_id) DO UPDATE ... WHERE handled_at IS NULL``:
+   it returns the row when the insert created it, or when the stored row is one whose
+   earlier handling failed (so Stripe's retry is handled, not swallowed as a duplicate);
+   either way the row is locked until commit, so concurrent copies wait and then see it
+   handled. A copy of a handled event answers 200 at once.
+3. Types without a handler are stored as handled (``ignored``) and answered 200.
+4. A handler that fails rolls everything back, and the failure (error, attempt count) is
+   written to the event's row in a separate transaction, left unhandled; the route answers
+   500 so that Stripe retries.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from orgwallet.db.engine import transaction
+from orgwallet.payments.gateway import InvalidStripeWebhook, StripeGateway
+from orgwallet.webhooks.handlers import HANDLERS, EventContext
+
+log = logging.getLogger(__name__)
+
+MAX_ERROR_LENGTH = 2000
+
+_CLAIM = text(
+    """
+    INSERT INTO stripe_events AS e (event_id, type, livemode, payload)
+    VALUES (:event_id, :type, :livemode, CAST(:payload AS jsonb))
+    ON CONFLICT (event_id) DO UPDATE SET attempts = e.attempts + 1
+    WHERE e.handled_at IS NULL
+    RETURNING e.attempts
+    """
+)
+_HANDLED = text("UPDATE stripe_events SET handled_at = now(), outcome = :outcome WHERE event_id = :event_id")
+_FAILED = text(
+    """
+    INSERT INTO stripe_events AS e (event_id, type, livemode, payload, error)
+    VALUES (:event_id, :type, :livemode, CAST(:payload AS jsonb), :error)
+    ON CONFLICT (event_id) DO UPDATE SET attempts = e.attempts + 1, error = EXCLUDED.error
+    WHERE e.handled_at IS NULL
+    """
+)
+
+
+def _row(event: dict[str, Any], payload: str) -> dict[str, Any]:
+    return {
+        "event_id": event["id"],
+        "type": event["type"],
+        "livemode": bool(event.get("livemode", False)),
+        "payload": payload,
+    }
+
+
+async def handle_event(
+    sessions: async_sessionmaker[AsyncSession], gateway: StripeGateway, event: dict[str, Any], payload: str
+) -> tuple[int, str]:
+    """Stores and handles one verified event: (HTTP status, outcome)."""
+    try:
+        async with transaction(sessions) as session:
+            claimed = (await session.execute(_CLAIM, _row(event, payload))).first()
+            if claimed is None:
+                return 200, "duplicate"
+            handler = HANDLERS.get(event["type"])
+            outcome = "ignored"
+            if handler is not None:
+                data = event.get("data")
+                obj = data.get("object") if isinstance(data, dict) else None
+                if isinstance(obj, dict):
+                    context = EventContext(session, gateway, event["id"], event["type"])
+                    outcome = await handler(context, obj)
+            await session.execute(_HANDLED, {"event_id": event["id"], "outcome": outcome})
+        return 200, outcome
+    except Exception as error:
+        log.exception("Stripe event %s (%s) failed; Stripe will retry", event["id"], event["type"])
+        message = f"{type(error).__name__}: {error}"[:MAX_ERROR_LENGTH]
+        try:
+            async with transaction(sessions) as session:
+                await session.execute(_FAILED, _row(event, payload) | {"error": message})
+        except Exception:
+            log.exception("could not record the failure of Stripe event %s", event["id"])
+        return 500, "failed"
+
+
+def stripe_webhook_router(sessions: async_sessionmaker[AsyncSession], gateway: StripeGateway) -> APIRouter:
+    router = APIRouter()
+
+    @router.post("/webhooks/stripe", include_in_schema=False)
+    async def stripe_webhook(request: Request) -> JSONResponse:
+        body = await request.body()
+        try:
+            gateway.construct_event(body, request.headers.get("stripe-signature"))
+            # The verified bytes, read as plain JSON: what is stored and what handlers read.
+            event = json.loads(body)
+        except (InvalidStripeWebhook, ValueError) as error:
+            message = error.message if isinstance(error, InvalidStripeWebhook) else "the body is not JSON"
+            log.info("rejected a Stripe webhook delivery: %s", message)
+            return JSONResponse({"error": message}, status_code=400)
+        status, outcome = await handle_event(sessions, gateway, event, body.decode())
+        return JSONResponse({"received": status < 300, "outcome": outcome}, status_code=status)
+
+    return router
