@@ -3,6 +3,7 @@ offline Stripe simulator, when no real Stripe key is configured)."""
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import uuid
@@ -133,6 +134,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # What exists at start-up (modules, the schema, the models: some 150,000 objects) lives
+        # as long as the process. Frozen out of the garbage collector's reach, it no longer makes
+        # each full collection a pause of ~100 ms in the middle of requests (it was the p99).
+        gc.freeze()
         yield
         await services.close()
 

@@ -190,36 +190,39 @@ async def list_api_keys(session: AsyncSession, organization_id: uuid.UUID) -> li
 
 
 # The key by its prefix, and its last-use stamp when due: one statement, one round trip (it is
-# on every request of a back end), atomic on its own. The stamp needs the right secret and an
-# unrevoked key; the answer is decided in Python, in constant time.
-_LOOKUP = text(
-    """
+# on every request of a back end whose key this process does not know yet), atomic on its own,
+# sent on the driver's connection. The stamp needs the right secret and an unrevoked key; the
+# answer is decided in Python, in constant time.
+_LOOKUP = """
     WITH k AS (
       SELECT id, organization_id, secret_hash, scopes, revoked_at, last_used_at
-      FROM api_keys WHERE prefix = :prefix
+      FROM api_keys WHERE prefix = $1
     ), stamp AS (
       UPDATE api_keys a SET last_used_at = now() FROM k
-      WHERE a.id = k.id AND k.secret_hash = :secret_hash AND k.revoked_at IS NULL
-        AND (k.last_used_at IS NULL OR k.last_used_at < now() - CAST(:resolution AS interval))
+      WHERE a.id = k.id AND k.secret_hash = $2 AND k.revoked_at IS NULL
+        AND (k.last_used_at IS NULL OR k.last_used_at < now() - $3::interval)
       RETURNING a.id
     )
     SELECT id, organization_id, secret_hash, scopes, revoked_at FROM k
-    """
-)
+"""
 
 
 async def authenticate(session: AsyncSession, secret: str) -> ApiKeyPrincipal:
+    """The key's principal; ``Unauthenticated`` for a malformed, unknown or revoked key. The
+    last-use stamp is written by the lookup itself: on its own unless the session has already
+    begun a transaction."""
     prefix = secrets.split_prefix(secret)
     if prefix is None:
         raise Unauthenticated("malformed API key")
-    params = {"prefix": prefix, "secret_hash": secrets.hash_secret(secret)}
-    key = (await session.execute(_LOOKUP, {**params, "resolution": LAST_USED_RESOLUTION})).one_or_none()
-    if key is None or not secrets.matches(secret, key.secret_hash):
+    driver = (await (await session.connection()).get_raw_connection()).driver_connection
+    assert driver is not None
+    key = await driver.fetchrow(_LOOKUP, prefix, secrets.hash_secret(secret), LAST_USED_RESOLUTION)
+    if key is None or not secrets.matches(secret, key["secret_hash"]):
         raise Unauthenticated("unknown API key")
-    if key.revoked_at is not None:
+    if key["revoked_at"] is not None:
         raise Unauthenticated("revoked API key")
     return ApiKeyPrincipal(
-        api_key_id=key.id,
-        organization_id=key.organization_id,
-        scopes=frozenset(Permission(s) for s in key.scopes),
+        api_key_id=key["id"],
+        organization_id=key["organization_id"],
+        scopes=frozenset(Permission(s) for s in key["scopes"]),
     )

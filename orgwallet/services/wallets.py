@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select as sa_select
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlmodel import col, select
@@ -274,18 +273,26 @@ async def set_wallet_status(
 # ---------------------------------------------------------------- reads
 
 
-# The wallet, and whether a reservation or a lot of it is past due: one round trip.
-_READ_WALLET = text(
-    """
+# The wallet, and whether a reservation or a lot of it is past due: one round trip, on the
+# driver's connection (it is most of a balance read).
+_READ_WALLET = """
     SELECT w.id, w.organization_id, w.status, w.balance, w.reserved, w.lifetime_purchased,
            w.lifetime_granted, w.lifetime_consumed, w.lifetime_expired,
            EXISTS (SELECT 1 FROM reservations r
                    WHERE r.wallet_id = w.id AND r.status = 'open' AND r.expires_at <= now())
         OR EXISTS (SELECT 1 FROM credit_lots l
                    WHERE l.wallet_id = w.id AND l.remaining > 0 AND l.expires_at <= now()) AS due
-    FROM wallets w WHERE w.organization_id = :org
-    """
-)
+    FROM wallets w WHERE w.organization_id = $1
+"""
+
+
+async def _driver(session: AsyncSession) -> Any:
+    """The asyncpg connection under the session's. A statement sent on it joins the session's
+    transaction if one has begun (SQLAlchemy begins lazily, at its first statement); otherwise
+    it runs on its own, which is what reads want."""
+    driver = (await (await session.connection()).get_raw_connection()).driver_connection
+    assert driver is not None
+    return driver
 
 
 async def read_wallet(
@@ -293,22 +300,22 @@ async def read_wallet(
 ) -> ledger.WalletState:
     """The organization's wallet. When a reservation or lot is past due, it is settled first
     (in its own short transaction), so a read never shows tokens that already went back."""
-    row = (await session.execute(_READ_WALLET, {"org": organization_id})).one_or_none()
+    row = await (await _driver(session)).fetchrow(_READ_WALLET, organization_id)
     if row is None:
         raise NotFound("wallet not found")
-    if row.due:
+    if row["due"]:
         async with transaction(sessions) as writer:
-            return await ledger.settle(writer, row.id)
+            return await ledger.settle(writer, row["id"])
     return ledger.WalletState(
-        id=row.id,
-        organization_id=row.organization_id,
-        status=row.status,
-        balance=row.balance,
-        reserved=row.reserved,
-        lifetime_purchased=row.lifetime_purchased,
-        lifetime_granted=row.lifetime_granted,
-        lifetime_consumed=row.lifetime_consumed,
-        lifetime_expired=row.lifetime_expired,
+        id=row["id"],
+        organization_id=row["organization_id"],
+        status=row["status"],
+        balance=row["balance"],
+        reserved=row["reserved"],
+        lifetime_purchased=row["lifetime_purchased"],
+        lifetime_granted=row["lifetime_granted"],
+        lifetime_consumed=row["lifetime_consumed"],
+        lifetime_expired=row["lifetime_expired"],
     )
 
 
@@ -352,23 +359,13 @@ class EntryPage:
     has_next: bool
 
 
-# Columns of a page, read as plain rows: a page is up to MAX_PAGE entries, and ORM objects
-# (identity map, instrumented attributes) cost more than the query.
-_PAGE_COLUMNS = [
-    col(LedgerEntry.id),
-    col(LedgerEntry.wallet_id),
-    col(LedgerEntry.seq),
-    col(LedgerEntry.kind),
-    col(LedgerEntry.amount),
-    col(LedgerEntry.held_change),
-    col(LedgerEntry.balance_after),
-    col(LedgerEntry.reserved_after),
-    col(LedgerEntry.idempotency_key),
-    col(LedgerEntry.reason),
-    col(LedgerEntry.metadata_),
-    col(LedgerEntry.created_at),
-    col(LedgerEntry.actor),
-]
+# A page is read on the driver's connection, as plain records: up to MAX_PAGE entries, for
+# which ORM objects, or even SQLAlchemy's row processing, cost more than the query.
+_PAGE = (
+    "SELECT id, wallet_id, seq, kind, amount, held_change, balance_after, reserved_after,"
+    " idempotency_key, reason, metadata, created_at, actor FROM ledger_entries WHERE wallet_id = $1"
+)
+_KINDS = {kind.value: kind for kind in EntryKind}
 
 
 async def ledger_page(
@@ -385,23 +382,26 @@ async def ledger_page(
     when new entries arrive."""
     if not 0 <= first <= MAX_PAGE:
         raise InvalidInput(f"first must be between 0 and {MAX_PAGE}", field="first")
-    statement = sa_select(*_PAGE_COLUMNS).where(col(LedgerEntry.wallet_id) == wallet_id)
-    if after_seq is not None:
-        statement = statement.where(col(LedgerEntry.seq) < after_seq)
-    if kinds:
-        statement = statement.where(col(LedgerEntry.kind).in_([k.value for k in kinds]))
-    if since is not None:
-        statement = statement.where(col(LedgerEntry.created_at) >= since)
-    if until is not None:
-        statement = statement.where(col(LedgerEntry.created_at) < until)
-    result = await session.execute(statement.order_by(col(LedgerEntry.seq).desc()).limit(first + 1))
-    rows: list[Any] = list(result.all())
+    conditions: list[str] = [_PAGE]
+    params: list[Any] = [wallet_id]
+    for condition, value in (
+        ("seq < ${}", after_seq),
+        ("kind = ANY(${}::text[])", [k.value for k in kinds] if kinds else None),
+        ("created_at >= ${}", since),
+        ("created_at < ${}", until),
+    ):
+        if value is not None:
+            params.append(value)
+            conditions.append(condition.format(len(params)))
+    params.append(first + 1)
+    query = " AND ".join(conditions) + f" ORDER BY seq DESC LIMIT ${len(params)}"
+    rows = await (await _driver(session)).fetch(query, *params)
     entries = [
         ledger.Entry(
             id=r[0],
             wallet_id=r[1],
             seq=r[2],
-            kind=EntryKind(r[3]),
+            kind=_KINDS[r[3]],
             amount=r[4],
             held_change=r[5],
             balance_after=r[6],

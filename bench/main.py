@@ -1,0 +1,546 @@
+"""``python -m bench [--quick | --smoke]``: the whole benchmark, one table, bench/results.json."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import baselines, database, report, webhooks
+from bench import env as bench_env
+from bench import wrk as wrk_runner
+from bench.database import Database, Seeded
+from bench.server import Server
+
+HERE = Path(__file__).resolve().parent
+EXIT_SKIPPED = 77  # the load generator is missing and cannot be installed: nothing was measured
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    organizations: int
+    seconds: float  # of measured load per workload
+    warmup: float  # of unmeasured load before it (0: none)
+    workers: tuple[int, ...]
+    connections: int
+    threads: int
+    balance_rate: int  # requests/s of the paced balance read
+    history_rate: int  # requests/s of the paced history read
+    storage_entries: int
+    webhook_events: int  # deliveries in the burst, duplicates included
+    webhook_workers: tuple[int, ...]  # the server configurations that get the burst
+    duplicate_share: float = 0.3
+
+
+PROFILES = {
+    "smoke": Profile("smoke", 50, 1, 0, (1,), 4, 1, 100, 50, 1_000, 100, (1,)),
+    "quick": Profile("quick", 1000, 3, 1, (1, 2), 16, 2, 500, 100, 10_000, 1000, (2,)),
+    "full": Profile("full", 1000, 12, 3, (1, 2), 16, 2, 500, 100, 20_000, 1000, (1, 2)),
+}
+
+
+@dataclass
+class Row:
+    """One measured workload."""
+
+    name: str
+    kind: str  # app | L0 | L1 | floor
+    workers: int | None
+    mode: str
+    requests: int = 0
+    rps: float = 0.0
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    app_cpu_ms: float | None = None  # server (or client, for L0/L1) CPU per request
+    pg_cpu_ms: float | None = None
+    ok: int = 0
+    bad: int = 0
+    rate: int | None = None  # paced: the requested rate
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class BenchFailed(RuntimeError):
+    pass
+
+
+class Bench:
+    def __init__(
+        self, profile: Profile, *, wrk: str, pgbench: str | None, workdir: Path, output: Path
+    ) -> None:
+        self.profile = profile
+        self.wrk = wrk
+        self.pgbench = pgbench
+        self.workdir = workdir
+        self.output = output
+        self.rows: list[Row] = []
+        self.checks: list[database.Check] = []
+        self.failures: list[str] = []
+        self.notes: list[str] = []
+        self.webhook: dict[str, Any] = {}
+        self.storage: dict[str, Any] = {}
+        self.db: Database | None = None
+        self.seeded: Seeded | None = None
+        self.lua_data: dict[str, Path] = {}
+        self.webhook_secret = f"whsec_bench_{secrets.token_hex(16)}"
+        self.checked_at: Any = None  # database clock at the start of the last check
+
+    # ------------------------------------------------------------ helpers
+
+    def say(self, message: str) -> None:
+        print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+    def pg_cpu(self) -> float | None:
+        assert self.db is not None
+        return bench_env.tree_cpu_seconds(self.db.postmaster_pid)
+
+    def check(self, after: str, *, full: bool = False) -> None:
+        """The invariants after a step: on every wallet when ``full``, else on the wallets
+        written since the previous check began (less a margin for transactions that were in
+        flight then); full checks close every phase, so nothing escapes."""
+        assert self.db is not None
+        since = None if full or self.checked_at is None else self.checked_at - dt.timedelta(seconds=5)
+        result, self.checked_at = asyncio.run(database.check(self.db.dsn, after, since))
+        self.checks.append(result)
+        if not result.ok:
+            message = (
+                f"INVARIANT BROKEN after {after}: {len(result.violations)} wallets with violations "
+                f"{list(result.violations.items())[:3]}, {result.duplicate_credits} duplicate credits"
+            )
+            self.failures.append(message)
+            print("!" * 80 + f"\n{message}\n" + "!" * 80, file=sys.stderr, flush=True)
+
+    def entries(self) -> int:
+        assert self.db is not None
+        return int(asyncio.run(database.count_entries(self.db.dsn)))
+
+    def settled_entries(self, timeout: float = 5.0) -> int:
+        """The entry count once the requests still in flight (a warm-up's last ones, which wrk
+        abandons but the server completes) have landed: two equal counts 0.3 s apart."""
+        count, deadline = self.entries(), time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            time.sleep(0.3)
+            again = self.entries()
+            if again == count:
+                break
+            count = again
+        return count
+
+    # ------------------------------------------------------------ phases
+
+    def setup(self) -> None:
+        p = self.profile
+        self.say(f"profile {p.name}: PostgreSQL ({'ORGWALLET_DATABASE_URL' if _env_url() else 'embedded'})")
+        self.db = database.start(self.workdir, _env_url())
+        self.say(f"database {self.db.name}: {self.db.settings.get('version', '')[:60]}")
+        self.say(f"seeding {p.organizations} organizations, the hot wallet and the history wallet")
+        self.seeded = asyncio.run(database.seed(self.db.dsn, p.organizations))
+        self.lua_data = self.seeded.write_lua_data(self.workdir)
+        self.check("seed", full=True)
+        self.say(f"storage: {p.storage_entries} consumptions between two VACUUM FULLs")
+        self.storage = asyncio.run(database.bytes_per_entry(self.db.dsn, self.seeded.many, p.storage_entries))
+        self.check("storage")
+
+    def baselines(self) -> None:
+        assert self.db is not None and self.seeded is not None
+        p = self.profile
+        hot_n = self.seeded.hot.n
+        for hot in (False, True):
+            mode = "hot" if hot else "many"
+            if self.pgbench is None:
+                self.notes.append("L0 skipped: no pgbench binary found")
+            else:
+                self.say(f"L0 pgbench {mode}: {p.connections} clients, {p.seconds}s")
+                if p.warmup:
+                    baselines.pgbench(
+                        self.pgbench,
+                        self.db,
+                        hot=hot,
+                        wallets=p.organizations,
+                        hot_n=hot_n,
+                        clients=p.connections,
+                        threads=p.threads,
+                        seconds=p.warmup,
+                    )
+                before_entries, pg_before = self.settled_entries(), self.pg_cpu()
+                result = baselines.pgbench(
+                    self.pgbench,
+                    self.db,
+                    hot=hot,
+                    wallets=p.organizations,
+                    hot_n=hot_n,
+                    clients=p.connections,
+                    threads=p.threads,
+                    seconds=p.seconds,
+                )
+                written = self.entries() - before_entries
+                row = Row(
+                    f"L0 pgbench, {mode}",
+                    "L0",
+                    None,
+                    mode,
+                    requests=result["requests"],
+                    rps=result["rps"],
+                    p50_ms=result["p50_ms"],
+                    p99_ms=result["p99_ms"],
+                    app_cpu_ms=_per(result["client_cpu_seconds"], result["requests"]),
+                    pg_cpu_ms=_per(_delta(pg_before, self.pg_cpu()), result["requests"]),
+                    ok=result["requests"] - result["failed"],
+                    bad=result["failed"],
+                    extra={"entries_written": written},
+                )
+                self._recorded(row, written, in_flight=p.connections)
+                self.rows.append(row)
+                self.check(row.name)
+            self.say(f"L1 asyncpg {mode}: {p.connections} clients, {p.seconds}s")
+            orgs = [self.seeded.hot] if hot else self.seeded.many
+            if p.warmup:
+                baselines.asyncpg_l1(self.db, orgs, clients=p.connections, seconds=p.warmup)
+            before_entries, pg_before = self.settled_entries(), self.pg_cpu()
+            result = baselines.asyncpg_l1(self.db, orgs, clients=p.connections, seconds=p.seconds)
+            written = self.entries() - before_entries
+            ok = int(result["outcomes"].get("ok", 0))
+            row = Row(
+                f"L1 asyncpg, {mode}",
+                "L1",
+                None,
+                mode,
+                requests=result["requests"],
+                rps=result["rps"],
+                p50_ms=result["p50_ms"],
+                p99_ms=result["p99_ms"],
+                app_cpu_ms=_per(result["client_cpu_seconds"], result["requests"]),
+                pg_cpu_ms=_per(_delta(pg_before, self.pg_cpu()), result["requests"]),
+                ok=ok,
+                bad=result["requests"] - ok,
+                extra={"entries_written": written, "outcomes": result["outcomes"]},
+            )
+            self._recorded(row, written, in_flight=0)
+            self.rows.append(row)
+            self.check(row.name)
+
+    def _recorded(self, row: Row, written: int, *, in_flight: int) -> None:
+        """Every answered consumption has its entry; at most the requests in flight when the
+        load stopped were written without being answered."""
+        expected = row.ok if row.mode in ("many", "hot") else 0
+        if written < expected or written > expected + in_flight + row.bad:
+            message = f"{row.name}: {row.ok} consumptions answered ok but {written} entries written"
+            self.failures.append(message)
+            print(f"!!! {message}", file=sys.stderr, flush=True)
+
+    def server_env(self) -> dict[str, str]:
+        assert self.db is not None
+        return {
+            "ORGWALLET_DATABASE_URL": self.db.url,
+            "ORGWALLET_HOME": str(self.workdir / "home"),
+            "ORGWALLET_JWT_SECRET": secrets.token_urlsafe(48),
+            "STRIPE_WEBHOOK_SECRET": self.webhook_secret,
+            "ORGWALLET_DATABASE_POOL_SIZE": str(max(10, self.profile.connections)),
+        }
+
+    def app(self, workers: int) -> None:
+        p = self.profile
+        server = Server(workers=workers, env=self.server_env(), log=self.workdir / f"server-{workers}.log")
+        self.say(f"server: uvicorn, {workers} worker(s), {server.url}")
+        try:
+            server.start()
+            self.prime(server, workers)
+            plan: list[tuple[str, str, str, str, int | None]] = [
+                # name, kind, mode, data, paced rate
+                ("floor: GET /healthz", "floor", "healthz", "-", None),
+                ("floor: { __typename }", "floor", "typename", "-", None),
+                ("many wallets: consumeTokens", "app", "consume", "many", None),
+                ("hot wallet: consumeTokens", "app", "hot", "hot", None),
+                ("insufficient balance", "app", "insufficient", "many", None),
+                ("balance read", "app", "balance", "many", None),
+                (f"balance read @ {p.balance_rate}/s", "app", "balance", "many", p.balance_rate),
+                ("history page of 100", "app", "history", "history", None),
+                (f"history page @ {p.history_rate}/s", "app", "history", "history", p.history_rate),
+            ]
+            for name, kind, mode, data, rate in plan:
+                self.workload(server, workers, name, kind, mode, data, rate)
+            if workers in p.webhook_workers:
+                self.webhook_burst(server, workers)
+        finally:
+            server.stop()
+
+    def prime(self, server: Server, workers: int) -> None:
+        """Every organization's balance read, walked by each wrk thread (three times over when
+        there are several processes, whose connections wrk spreads at random), so that every
+        server process knows every API key, as one that has been up a while does. Not measured."""
+        p = self.profile
+        started = time.monotonic()
+        walks = 1 if workers == 1 else 3
+        result = wrk_runner.run(
+            self.wrk,
+            server.url,
+            "graphql.lua",
+            ["prime", str(self.lua_data["many"]), "prime", str(walks)],
+            threads=p.threads,
+            connections=p.connections,
+            seconds=120,
+            done_lines=p.threads,
+        )
+        self.notes.append(
+            f"{workers} worker(s): primed with {result['requests']} balance reads"
+            f" ({walks} walk(s) over the organizations per wrk thread) in {time.monotonic() - started:.1f}s"
+        )
+        self.say(f"  primed: {result['requests']} balance reads, {result['ok']} ok")
+
+    def workload(
+        self, server: Server, workers: int, name: str, kind: str, mode: str, data: str, rate: int | None
+    ) -> None:
+        p = self.profile
+        nonce = secrets.token_hex(4)
+        data_file = str(self.lua_data[data]) if data != "-" else "-"
+        script, args = (
+            ("paced.lua", [mode, data_file, nonce, str(rate), str(p.threads)])
+            if rate
+            else ("graphql.lua", [mode, data_file, nonce])
+        )
+        connections = p.connections
+        if p.warmup:
+            wrk_runner.run(
+                self.wrk,
+                server.url,
+                script,
+                [*args[:2], f"w{nonce}", *args[3:]],
+                threads=p.threads,
+                connections=connections,
+                seconds=p.warmup,
+            )
+        writes = mode in ("consume", "hot", "insufficient")
+        before_entries = self.settled_entries() if writes else 0
+        app_before, pg_before = server.cpu_seconds(), self.pg_cpu()
+        result = wrk_runner.run(
+            self.wrk, server.url, script, args, threads=p.threads, connections=connections, seconds=p.seconds
+        )
+        app_after, pg_after = server.cpu_seconds(), self.pg_cpu()
+        requests = int(result["requests"])
+        bad = requests - int(result["ok"])
+        socket_errors = sum(result["errors"].values())
+        lat = result["latency_us"]
+        row = Row(
+            name,
+            kind,
+            workers,
+            mode if mode not in ("consume",) else "many",
+            requests=requests,
+            rps=requests / (result["duration_us"] / 1e6),
+            p50_ms=lat["p50"] / 1000,
+            p99_ms=lat["p99"] / 1000,
+            app_cpu_ms=_per(_delta(app_before, app_after), requests),
+            pg_cpu_ms=_per(_delta(pg_before, pg_after), requests),
+            ok=int(result["ok"]),
+            bad=bad,
+            rate=rate,
+            extra={
+                "user_errors": result["user_errors"],
+                "graphql_errors": result["graphql_errors"],
+                "http_errors": result["http_errors"],
+                "socket_errors": result["errors"],
+                "latency_us": lat,
+                "late_sends": result.get("late"),
+                "max_lag_ms": result.get("max_lag_ms"),
+                "sample": result.get("sample", ""),
+            },
+        )
+        if writes:
+            written = self.entries() - before_entries
+            row.extra["entries_written"] = written
+            self._recorded(row, written, in_flight=connections + socket_errors)
+        if requests == 0 or row.ok == 0 or bad > max(1, requests // 100):
+            message = (
+                f"{name} ({workers} worker(s)): {bad} of {requests} answers unexpected: {row.extra['sample']}"
+            )
+            self.failures.append(message)
+            print(f"!!! {message}", file=sys.stderr, flush=True)
+        self.rows.append(row)
+        self.say(
+            f"  {name:<32} {row.rps:9.1f} req/s  p50 {row.p50_ms:7.2f} ms  p99 {row.p99_ms:7.2f} ms"
+            f"  app {_fmt(row.app_cpu_ms)} ms/req  pg {_fmt(row.pg_cpu_ms)} ms/req  unexpected {bad}"
+        )
+        self.check(f"{name} ({workers}w)")
+
+    def webhook_burst(self, server: Server, workers: int) -> None:
+        assert self.db is not None and self.seeded is not None
+        p = self.profile
+        key = f"{workers}"
+        status = webhooks.probe(server.url)
+        if status in (404, 405):
+            self.webhook[key] = {
+                "status": "not available",
+                "detail": f"POST /webhooks/stripe answered {status}",
+            }
+            self.say(f"  webhook burst: not available (POST /webhooks/stripe answered {status})")
+            return
+        unique = round(p.webhook_events * (1 - p.duplicate_share))
+        try:
+            buyers = asyncio.run(webhooks.purchase_keys(self.db, self.seeded.many[:20]))
+            bodies, purchases = webhooks.prepare(server.url, buyers, unique)
+        except Exception as exc:  # the route exists but this bench cannot feed it (yet)
+            self.webhook[key] = {"status": "not measured", "detail": f"{type(exc).__name__}: {exc}"[:500]}
+            self.say(f"  webhook burst: not measured: {self.webhook[key]['detail']}")
+            return
+        deliveries = webhooks.burst(bodies, duplicate_share=p.duplicate_share, secret=self.webhook_secret)
+        events_file = self.workdir / f"events-{workers}.txt"
+        webhooks.write_events(events_file, deliveries)
+        since = asyncio.run(_db_now(self.db))
+        threads = min(8, max(2, p.connections // 2))
+        result = wrk_runner.run(
+            self.wrk,
+            server.url,
+            "webhook.lua",
+            [str(events_file), str(threads)],
+            threads=threads,
+            connections=threads,
+            seconds=60,
+            done_lines=threads,
+        )
+        time.sleep(0.5)  # handlers that answer before they credit
+        credited = asyncio.run(webhooks.credits_since(self.db, since, purchases))
+        summary = webhooks.summarize(result, unique, credited)
+        self.webhook[key] = summary
+        self.say(
+            f"  webhook burst: {summary['deliveries']} deliveries, {summary['events_per_s']:.0f} events/s,"
+            f" {summary['duplicate_credits']} duplicate credits, {summary['missing_credits']} missing"
+        )
+        if summary["duplicate_credits"]:
+            self.failures.append(
+                f"webhook burst ({workers}w): {summary['duplicate_credits']} duplicate credits"
+            )
+        self.check(f"webhook burst ({workers}w)")
+
+    # ------------------------------------------------------------ all
+
+    def run(self) -> int:
+        started = time.time()
+        machine = bench_env.machine()
+        try:
+            self.setup()
+            self.baselines()
+            for workers in self.profile.workers:
+                self.app(workers)
+                self.check(f"all workloads on {workers} worker(s)", full=True)
+        except BenchFailed as exc:
+            self.failures.append(str(exc))
+        except Exception as exc:
+            traceback.print_exc()
+            self.failures.append(f"the bench itself failed: {type(exc).__name__}: {exc}")
+        finally:
+            if self.db is not None:
+                self.db.stop()
+        results = {
+            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "seconds": round(time.time() - started, 1),
+            "machine": machine,
+            "versions": bench_env.versions(self.wrk, self.pgbench),
+            "settings": {
+                "profile": asdict(self.profile),
+                "postgres": self.db.settings if self.db else {},
+                "database": "ORGWALLET_DATABASE_URL" if _env_url() else "embedded pgserver",
+            },
+            "rows": [asdict(r) for r in self.rows],
+            "ratios": report.ratios(self.rows),
+            "storage": self.storage,
+            "webhook_burst": self.webhook,
+            "checks": [c.as_json() for c in self.checks],
+            "targets": report.targets(self.rows, self.storage, self.webhook),
+            "notes": self.notes,
+            "failures": self.failures,
+            "ok": not self.failures,
+        }
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        self.output.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        print()
+        print(report.table(results))
+        print(f"\nresults: {self.output}")
+        if self.failures:
+            print("\nFAILED:\n  " + "\n  ".join(self.failures), file=sys.stderr)
+            return 1
+        return 0
+
+
+async def _db_now(db: Database) -> Any:
+    import asyncpg
+
+    conn = await asyncpg.connect(db.dsn)
+    try:
+        return await conn.fetchval("SELECT now()")
+    finally:
+        await conn.close()
+
+
+def _env_url() -> str | None:
+    return os.environ.get("ORGWALLET_DATABASE_URL") or None
+
+
+def _delta(before: float | None, after: float | None) -> float | None:
+    return None if before is None or after is None else after - before
+
+
+def _per(seconds: float | None, requests: int) -> float | None:
+    return None if seconds is None or not requests else seconds * 1000 / requests
+
+
+def _fmt(value: float | None) -> str:
+    return "   -" if value is None else f"{value:5.2f}"
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--quick", action="store_true", help="a run of about two minutes")
+    group.add_argument(
+        "--smoke", action="store_true", help="a few seconds, for CI: it runs, the ledger holds"
+    )
+    parser.add_argument("--output", type=Path, help="where to write the results (JSON)")
+    parser.add_argument("--connections", type=int, help="wrk connections = pgbench/L1 clients")
+    parser.add_argument("--seconds", type=float, help="measured seconds per workload")
+    parser.add_argument("--workers", type=str, help="uvicorn worker counts to run, e.g. 1,2")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, data files)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    profile = PROFILES["smoke" if args.smoke else "quick" if args.quick else "full"]
+    overrides: dict[str, Any] = {}
+    if args.connections:
+        overrides["connections"] = args.connections
+    if args.seconds:
+        overrides["seconds"] = args.seconds
+    if args.workers:
+        workers = tuple(int(w) for w in args.workers.split(","))
+        overrides["workers"] = workers
+        overrides["webhook_workers"] = (
+            tuple(w for w in profile.webhook_workers if w in workers) or workers[-1:]
+        )
+    if overrides:
+        profile = Profile(**{**asdict(profile), **overrides})
+    output = args.output or (HERE / "results" / "smoke.json" if args.smoke else HERE / "results.json")
+    wrk = bench_env.ensure_wrk()
+    if wrk is None:
+        print("SKIPPED: wrk is not available (apt-get install wrk); nothing was measured.", file=sys.stderr)
+        return EXIT_SKIPPED
+    workdir = Path(tempfile.mkdtemp(prefix="orgwallet-bench-"))
+    try:
+        return Bench(
+            profile, wrk=wrk, pgbench=baselines.pgbench_binary(), workdir=workdir, output=output
+        ).run()
+    finally:
+        if args.keep:
+            print(f"work directory kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
