@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import base64
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from enum import Enum
-from typing import TYPE_CHECKING, Annotated, Any, Self, cast
+from typing import TYPE_CHECKING, Annotated, Any, Self, TypeVar, cast
 
 import strawberry
 from strawberry import relay
@@ -35,6 +35,8 @@ from orgwallet.services import wallets as wallet_service
 if TYPE_CHECKING:
     from orgwallet.schema.types import Organization
 
+T = TypeVar("T")
+
 
 @strawberry.enum
 class WalletStatus(Enum):
@@ -51,20 +53,9 @@ class GrantSource(Enum):
     REFUND = "refund"
 
 
-@strawberry.enum
-class LedgerEntryKind(Enum):
-    PURCHASE = "purchase"
-    SUBSCRIPTION_GRANT = "subscription_grant"
-    TRIAL_GRANT = "trial_grant"
-    ADMIN_GRANT = "admin_grant"
-    CONSUMPTION = "consumption"
-    RESERVATION = "reservation"
-    CAPTURE = "capture"
-    RELEASE = "release"
-    REFUND = "refund"
-    EXPIRATION = "expiration"
-    CLAWBACK = "clawback"
-    ADJUSTMENT = "adjustment"
+# The ledger's own kinds are the GraphQL enum (values by name: PURCHASE, CONSUMPTION...):
+# strawberry.enum registers the class itself, so fields are annotated with ledger.EntryKind.
+strawberry.enum(ledger.EntryKind, name="LedgerEntryKind")
 
 
 @strawberry.enum
@@ -88,6 +79,26 @@ async def _visible(info: Info, organization_id: uuid.UUID, session: Any) -> bool
     except OrgWalletError:
         return False
     return True
+
+
+async def _visible_nodes(
+    info: Info, node_ids: Iterable[str], model: type[Any], build: Callable[[Any], T]
+) -> list[T | None]:
+    """Rows of a wallet-owned table by id, each built only when its organization's tokens are
+    visible to the caller (tokens.view); anything else is null, as if it did not exist."""
+    out: list[T | None] = []
+    async with info.context.reading() as session:
+        for node_id in node_ids:
+            key = _uuid(node_id)
+            row = await session.get(model, key) if key else None
+            if row is not None and not isinstance(row, models.Wallet):
+                wallet = await session.get(models.Wallet, row.wallet_id)
+                organization_id = wallet.organization_id if wallet else None
+            else:
+                organization_id = row.organization_id if row else None
+            visible = organization_id is not None and await _visible(info, organization_id, session)
+            out.append(build(row) if visible else None)
+    return out
 
 
 @strawberry.type
@@ -116,21 +127,13 @@ class CreditGrant(relay.Node):
     async def resolve_nodes(  # type: ignore[override]
         cls, *, info: Info, node_ids: Iterable[str], required: bool = False
     ) -> list[Self | None]:
-        out: list[Self | None] = []
-        async with info.context.reading() as session:
-            for node_id in node_ids:
-                lot_id = _uuid(node_id)
-                lot = await session.get(models.CreditLot, lot_id) if lot_id else None
-                wallet = await session.get(models.Wallet, lot.wallet_id) if lot else None
-                visible = lot and wallet and await _visible(info, wallet.organization_id, session)
-                out.append(cls.of(lot) if lot and visible else None)
-        return out
+        return await _visible_nodes(info, node_ids, models.CreditLot, cls.of)
 
 
 @strawberry.type
 class LedgerEntry(relay.Node):
     id: relay.NodeID[str]
-    kind: LedgerEntryKind
+    kind: ledger.EntryKind
     amount: BigInt = strawberry.field(description="Signed: + into the wallet, - out of it.")
     held_change: BigInt = strawberry.field(description="Signed change of the reserved tokens.")
     balance_after: BigInt
@@ -146,7 +149,7 @@ class LedgerEntry(relay.Node):
         metadata = row.metadata_ if isinstance(row, models.LedgerEntry) else row.metadata
         return cls(
             id=str(row.id),
-            kind=LedgerEntryKind(row.kind),
+            kind=ledger.EntryKind(row.kind),
             amount=BigInt(row.amount),
             held_change=BigInt(row.held_change),
             balance_after=BigInt(row.balance_after),
@@ -162,15 +165,7 @@ class LedgerEntry(relay.Node):
     async def resolve_nodes(  # type: ignore[override]
         cls, *, info: Info, node_ids: Iterable[str], required: bool = False
     ) -> list[Self | None]:
-        out: list[Self | None] = []
-        async with info.context.reading() as session:
-            for node_id in node_ids:
-                entry_id = _uuid(node_id)
-                row = await session.get(models.LedgerEntry, entry_id) if entry_id else None
-                wallet = await session.get(models.Wallet, row.wallet_id) if row else None
-                visible = row and wallet and await _visible(info, wallet.organization_id, session)
-                out.append(cls.of(row) if row and visible else None)
-        return out
+        return await _visible_nodes(info, node_ids, models.LedgerEntry, cls.of)
 
 
 @strawberry.type
@@ -225,15 +220,7 @@ class Reservation(relay.Node):
     async def resolve_nodes(  # type: ignore[override]
         cls, *, info: Info, node_ids: Iterable[str], required: bool = False
     ) -> list[Self | None]:
-        out: list[Self | None] = []
-        async with info.context.reading() as session:
-            for node_id in node_ids:
-                reservation_id = _uuid(node_id)
-                row = await session.get(models.Reservation, reservation_id) if reservation_id else None
-                wallet = await session.get(models.Wallet, row.wallet_id) if row else None
-                visible = row and wallet and await _visible(info, wallet.organization_id, session)
-                out.append(cls.of(row) if row and visible else None)
-        return out
+        return await _visible_nodes(info, node_ids, models.Reservation, cls.of)
 
 
 @strawberry.type
@@ -294,7 +281,7 @@ class Wallet(relay.Node):
         info: Info,
         first: int | None = 50,
         after: str | None = None,
-        kinds: list[LedgerEntryKind] | None = None,
+        kinds: list[ledger.EntryKind] | None = None,
         since: datetime | None = None,
         until: datetime | None = None,
     ) -> LedgerEntryConnection:
@@ -304,7 +291,7 @@ class Wallet(relay.Node):
                 self.pk,
                 first=50 if first is None else first,
                 after_seq=decode_cursor(after) if after else None,
-                kinds=[ledger.EntryKind(k.value) for k in kinds] if kinds else None,
+                kinds=kinds,
                 since=since,
                 until=until,
             )
@@ -323,14 +310,7 @@ class Wallet(relay.Node):
     async def resolve_nodes(  # type: ignore[override]
         cls, *, info: Info, node_ids: Iterable[str], required: bool = False
     ) -> list[Self | None]:
-        out: list[Self | None] = []
-        async with info.context.reading() as session:
-            for node_id in node_ids:
-                wallet_id = _uuid(node_id)
-                row = await session.get(models.Wallet, wallet_id) if wallet_id else None
-                visible = row and await _visible(info, row.organization_id, session)
-                out.append(cls.of(row) if row and visible else None)
-        return out
+        return await _visible_nodes(info, node_ids, models.Wallet, cls.of)
 
 
 # ---------------------------------------------------------------- inputs
