@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -45,6 +46,17 @@ async def transaction(factory: async_sessionmaker[AsyncSession]) -> AsyncIterato
         except BaseException:
             await session.rollback()
             raise
+
+
+async def driver_connection(source: AsyncSession | AsyncConnection) -> Any:
+    """The asyncpg connection under SQLAlchemy's, for hot statements sent as they are (no ORM,
+    no statement compilation). A statement sent on it joins the transaction if SQLAlchemy has
+    begun one (it begins lazily, at its first statement); otherwise it runs on its own, in
+    autocommit, which is what single-statement reads and ledger calls want."""
+    connection = await source.connection() if isinstance(source, AsyncSession) else source
+    driver = (await connection.get_raw_connection()).driver_connection
+    assert driver is not None
+    return driver
 
 
 def asyncpg_url(pgserver_uri: str, database: str) -> str:

@@ -28,8 +28,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from orgwallet.db.engine import driver_connection
 from orgwallet.ledger import Posting, _json, _posting
 
 #: At most this many consumptions in one transaction (bounds the time the wallet is locked).
@@ -189,7 +190,7 @@ class ConsumptionBatcher:
         """One statement in autocommit: its own transaction, one round trip."""
         by, target_id = target
         async with self._engine.connect() as conn:
-            driver = await _driver(conn)
+            driver = await driver_connection(conn)
             if len(batch) == 1:
                 return [await driver.fetchrow(CONSUME_ONE[by], target_id, *_arguments(batch[0]))]
             return list(await driver.fetch(CONSUME_BATCH[by], target_id, *_columns(batch)))
@@ -197,13 +198,6 @@ class ConsumptionBatcher:
 
 def _future() -> asyncio.Future[Posting]:
     return asyncio.get_running_loop().create_future()
-
-
-async def _driver(conn: AsyncConnection) -> Any:
-    """The asyncpg connection under SQLAlchemy's: statements sent as they are, no BEGIN."""
-    driver = (await conn.get_raw_connection()).driver_connection
-    assert driver is not None
-    return driver
 
 
 def _arguments(item: _Consumption) -> tuple[Any, ...]:

@@ -44,6 +44,7 @@ parses every answer and raises its typed errors.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -381,6 +382,26 @@ class StripeGateway:
         if not isinstance(getattr(event, "id", None), str) or not isinstance(
             getattr(event, "type", None), str
         ):
+            raise InvalidStripeWebhook("the body is not a Stripe event")
+        return event
+
+    def verify_event(self, payload: bytes, sig_header: str | None) -> dict[str, Any]:
+        """``construct_event`` without building the SDK's ``stripe.Event``: the same signature
+        check (``stripe.WebhookSignature.verify_header``, same secret and tolerance) and the same
+        rejections, answering the verified body as plain JSON (what the webhook route stores and
+        its handlers read). Pass the raw body."""
+        try:
+            stripe.WebhookSignature.verify_header(
+                payload, sig_header, self._webhook_secret, WEBHOOK_TOLERANCE_SECONDS
+            )
+            event = json.loads(payload)
+        except stripe.SignatureVerificationError as error:
+            raise InvalidStripeWebhook(f"signature verification failed: {error.user_message}") from error
+        except (ValueError, TypeError, AttributeError) as error:
+            raise InvalidStripeWebhook("the body is not a JSON Stripe event") from error
+        if not isinstance(event, dict):
+            raise InvalidStripeWebhook("the body is not a JSON Stripe event")
+        if not isinstance(event.get("id"), str) or not isinstance(event.get("type"), str):
             raise InvalidStripeWebhook("the body is not a Stripe event")
         return event
 

@@ -16,6 +16,7 @@ from sqlmodel import col, select
 from orgwallet.auth import api_keys as secrets
 from orgwallet.auth.permissions import API_KEY_SCOPES, Permission
 from orgwallet.auth.principals import ApiKeyPrincipal, Principal
+from orgwallet.db.engine import driver_connection
 from orgwallet.db.models import ApiKey, utcnow
 from orgwallet.errors import InvalidInput, NotFound, Unauthenticated
 from orgwallet.services import access, audit, validation
@@ -214,8 +215,7 @@ async def authenticate(session: AsyncSession, secret: str) -> ApiKeyPrincipal:
     prefix = secrets.split_prefix(secret)
     if prefix is None:
         raise Unauthenticated("malformed API key")
-    driver = (await (await session.connection()).get_raw_connection()).driver_connection
-    assert driver is not None
+    driver = await driver_connection(session)
     key = await driver.fetchrow(_LOOKUP, prefix, secrets.hash_secret(secret), LAST_USED_RESOLUTION)
     if key is None or not secrets.matches(secret, key["secret_hash"]):
         raise Unauthenticated("unknown API key")

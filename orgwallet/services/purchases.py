@@ -15,6 +15,7 @@ Stripe is called with idempotency keys derived from the purchase (``purchase-<id
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import uuid
 from collections.abc import Sequence
@@ -24,9 +25,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import stripe
-from sqlalchemy import text, update
+from sqlalchemy import update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import col, select
 from uuid6 import uuid7
 
@@ -34,7 +36,7 @@ from orgwallet import ledger
 from orgwallet.auth.permissions import Permission
 from orgwallet.auth.principals import Principal
 from orgwallet.config import Settings
-from orgwallet.db.engine import transaction
+from orgwallet.db.engine import driver_connection, transaction
 from orgwallet.db.models import (
     AuditEntry,
     Organization,
@@ -703,6 +705,30 @@ async def _alert_mismatch(session: AsyncSession, purchase: Purchase, payment: Pa
     return "mismatch"
 
 
+#: Marks a credited purchase paid, with its lot, and writes its audit row: one statement, sent
+#: on the driver (the transaction has begun). The jsonb values are sent as text.
+_MARK_PAID = """
+    WITH paid AS (
+        UPDATE purchases
+        SET status = $2, lot_id = (SELECT id FROM credit_lots WHERE entry_id = $3),
+            paid_at = $4, updated_at = $4, receipt_url = $5, charge_id = $6,
+            failure_reason = NULL, payment_intent_id = $7
+        WHERE id = $1
+        RETURNING lot_id
+    ), audited AS (
+        INSERT INTO audit_log (id, at, actor, action, organization_id, target_type, target_id,
+                               before, after, request_id)
+        SELECT $8::uuid, $9::timestamptz, $10::text, 'purchase.paid', $11::uuid, 'purchase', $15::text,
+               CAST($12::text AS jsonb),
+               CAST($13::text AS jsonb) || jsonb_build_object('lot_id', coalesce(paid.lot_id::text, 'None')),
+               $14::text
+        FROM paid
+    )
+    SELECT lot_id FROM paid
+"""
+_WALLET_OF = "SELECT id FROM wallets WHERE organization_id = $1"
+
+
 async def credit_purchase(
     session: AsyncSession, gateway: StripeGateway, purchase: Purchase, payment: Payment
 ) -> str:
@@ -719,7 +745,11 @@ async def credit_purchase(
         charge = await gateway.latest_charge(payment.payment_intent_id)
         if charge is not None:
             charge_id, receipt_url = charge_id or charge.id, charge.receipt_url
-    wallet_id = await wallets.wallet_id_of(session, purchase.organization_id)
+    # Plain statements on the driver: the transaction has begun (the purchase is locked in it).
+    driver = await driver_connection(session)
+    wallet_id = await driver.fetchval(_WALLET_OF, purchase.organization_id)
+    if wallet_id is None:
+        raise NotFound("wallet not found")
     posting = await ledger.credit(
         session,
         wallet_id,
@@ -733,27 +763,41 @@ async def credit_purchase(
         reference_id=purchase.id,
     )
     assert posting.entry is not None
-    lot_id = await session.scalar(
-        text("SELECT id FROM credit_lots WHERE entry_id = :entry"), {"entry": posting.entry.id}
-    )
     before = _purchase_snapshot(purchase)
     now = _now()
-    purchase.status = PurchaseStatus.PAID
-    purchase.lot_id = lot_id
-    purchase.paid_at = now
-    purchase.updated_at = now
-    purchase.receipt_url = receipt_url or purchase.receipt_url
-    purchase.charge_id = purchase.charge_id or charge_id
-    purchase.failure_reason = None
-    link_payment_intent(purchase, payment.payment_intent_id)
-    await session.flush()
-    _stripe_audit(
-        session,
-        purchase,
-        "purchase.paid",
-        before=before,
-        after=_purchase_snapshot(purchase) | {"stripe_event": payment.event_id, "lot_id": str(lot_id)},
+    paid = {
+        "status": PurchaseStatus.PAID,
+        "paid_at": now,
+        "updated_at": now,
+        "receipt_url": receipt_url or purchase.receipt_url,
+        "charge_id": purchase.charge_id or charge_id,
+        "failure_reason": None,
+        "payment_intent_id": purchase.payment_intent_id
+        if purchase.payment_intent_id is not None
+        else payment.payment_intent_id or None,
+    }
+    # The lot, the purchase and its audit row in one statement (no ORM flush): the purchase
+    # object is brought up to date as loaded, so nothing is written twice.
+    lot_id = await driver.fetchval(
+        _MARK_PAID,
+        purchase.id,
+        PurchaseStatus.PAID.value,
+        posting.entry.id,
+        now,
+        paid["receipt_url"],
+        paid["charge_id"],
+        paid["payment_intent_id"],
+        uuid7(),
+        _now(),
+        STRIPE_ACTOR,
+        purchase.organization_id,
+        json.dumps(before),
+        json.dumps(before | {"status": PurchaseStatus.PAID, "stripe_event": payment.event_id}),
+        request_id_var.get(),
+        str(purchase.id),
     )
+    for name, value in (paid | {"lot_id": lot_id}).items():
+        set_committed_value(purchase, name, value)
     return "credited"
 
 

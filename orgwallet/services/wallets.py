@@ -17,7 +17,7 @@ from orgwallet import ledger
 from orgwallet.auth.permissions import Permission
 from orgwallet.auth.principals import Principal
 from orgwallet.config import Settings
-from orgwallet.db.engine import transaction
+from orgwallet.db.engine import driver_connection, transaction
 from orgwallet.db.models import CreditLot, LedgerEntry, Reservation, Wallet, WalletStatus
 from orgwallet.errors import InvalidInput, NotFound
 from orgwallet.ledger import EntryKind, GrantSource, batching
@@ -286,21 +286,12 @@ _READ_WALLET = """
 """
 
 
-async def _driver(session: AsyncSession) -> Any:
-    """The asyncpg connection under the session's. A statement sent on it joins the session's
-    transaction if one has begun (SQLAlchemy begins lazily, at its first statement); otherwise
-    it runs on its own, which is what reads want."""
-    driver = (await (await session.connection()).get_raw_connection()).driver_connection
-    assert driver is not None
-    return driver
-
-
 async def read_wallet(
     session: AsyncSession, sessions: async_sessionmaker[AsyncSession], organization_id: uuid.UUID
 ) -> ledger.WalletState:
     """The organization's wallet. When a reservation or lot is past due, it is settled first
     (in its own short transaction), so a read never shows tokens that already went back."""
-    row = await (await _driver(session)).fetchrow(_READ_WALLET, organization_id)
+    row = await (await driver_connection(session)).fetchrow(_READ_WALLET, organization_id)
     if row is None:
         raise NotFound("wallet not found")
     if row["due"]:
@@ -395,7 +386,7 @@ async def ledger_page(
             conditions.append(condition.format(len(params)))
     params.append(first + 1)
     query = " AND ".join(conditions) + f" ORDER BY seq DESC LIMIT ${len(params)}"
-    rows = await (await _driver(session)).fetch(query, *params)
+    rows = await (await driver_connection(session)).fetch(query, *params)
     entries = [
         ledger.Entry(
             id=r[0],

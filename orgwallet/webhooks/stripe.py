@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -27,7 +26,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from orgwallet.db.engine import transaction
+from orgwallet.db.engine import driver_connection, transaction
 from orgwallet.payments.gateway import InvalidStripeWebhook, StripeGateway
 from orgwallet.webhooks.handlers import HANDLERS, EventContext
 
@@ -44,7 +43,8 @@ _CLAIM = text(
     RETURNING e.attempts
     """
 )
-_HANDLED = text("UPDATE stripe_events SET handled_at = now(), outcome = :outcome WHERE event_id = :event_id")
+#: Sent on the driver: the claim has begun the transaction.
+_HANDLED = "UPDATE stripe_events SET handled_at = now(), outcome = $2 WHERE event_id = $1"
 _FAILED = text(
     """
     INSERT INTO stripe_events AS e (event_id, type, livemode, payload, error)
@@ -81,7 +81,7 @@ async def handle_event(
                 if isinstance(obj, dict):
                     context = EventContext(session, gateway, event["id"], event["type"])
                     outcome = await handler(context, obj)
-            await session.execute(_HANDLED, {"event_id": event["id"], "outcome": outcome})
+            await (await driver_connection(session)).execute(_HANDLED, event["id"], outcome)
         return 200, outcome
     except Exception as error:
         log.exception("Stripe event %s (%s) failed; Stripe will retry", event["id"], event["type"])
@@ -101,9 +101,8 @@ def stripe_webhook_router(sessions: async_sessionmaker[AsyncSession], gateway: S
     async def stripe_webhook(request: Request) -> JSONResponse:
         body = await request.body()
         try:
-            gateway.construct_event(body, request.headers.get("stripe-signature"))
             # The verified bytes, read as plain JSON: what is stored and what handlers read.
-            event = json.loads(body)
+            event = gateway.verify_event(body, request.headers.get("stripe-signature"))
         except (InvalidStripeWebhook, ValueError) as error:
             message = error.message if isinstance(error, InvalidStripeWebhook) else "the body is not JSON"
             log.info("rejected a Stripe webhook delivery: %s", message)
