@@ -69,14 +69,18 @@ class PurchaseQueries:
         "`includeArchived`: platform admins only.",
     )
     async def packages(
-        self, info: Info, organization_id: strawberry.ID | None = None, include_archived: bool = False
+        self,
+        info: Info,
+        organization_id: strawberry.ID | None = None,
+        # Nullable with a default: clients written against the contract may omit it or send null.
+        include_archived: bool | None = False,
     ) -> list[TokenPackage]:
         organization = (
             None if organization_id is None else global_id(organization_id, "Organization", "organizationId")
         )
         async with info.context.reading() as session:
             items = await pricing.catalogue(
-                session, info.context.principal, organization, include_archived=include_archived
+                session, info.context.principal, organization, include_archived=bool(include_archived)
             )
         return [TokenPackage.of(item) for item in items]
 
