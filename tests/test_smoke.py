@@ -28,7 +28,8 @@ async def test_wallet_consume(client: GraphQLClient) -> None:
     data = await client.data(q, {"org": org_id, "amount": 2, "key": "k2"}, as_="bob")
     assert data["consumeTokens"]["code"] == "INSUFFICIENT_TOKENS", data
     data = await client.data(
-        """query($id: ID!) { organization(id: $id) { wallet { balance lifetimeGranted lifetimeConsumed
+        """query($id: ID!) { organization(id: $id) { wallet { organization { id } balance lifetimeGranted
+          lifetimeConsumed
           grants { source amount remaining } expiringSoon(days: 31)
           ledger(first: 10) { edges { cursor node { kind amount balanceAfter } }
           pageInfo { hasNextPage } } } } }""",
@@ -38,4 +39,5 @@ async def test_wallet_consume(client: GraphQLClient) -> None:
     print(data)
     wallet = data["organization"]["wallet"]
     assert wallet["balance"] == 1 and wallet["expiringSoon"] == 1
+    assert wallet["organization"]["id"] == org_id
     assert [e["node"]["kind"] for e in wallet["ledger"]["edges"]] == ["CONSUMPTION", "TRIAL_GRANT"]

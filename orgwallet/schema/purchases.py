@@ -199,10 +199,7 @@ class Purchase(relay.Node):
     ) -> Annotated[Organization, strawberry.lazy("orgwallet.schema.types")]:
         from orgwallet.schema.types import Organization
 
-        async with info.context.reading() as session:
-            row = await session.get(models.Organization, self._organization_id)
-        assert row is not None
-        return Organization.of(row)
+        return await Organization.load(info, self._organization_id)
 
     @strawberry.field(description="The package bought (null for a custom amount), at today's price.")
     async def package(self, info: Info) -> TokenPackage | None:

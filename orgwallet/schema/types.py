@@ -72,6 +72,14 @@ class Organization(relay.Node):
     def of(cls, row: models.Organization) -> Self:
         return cls(id=str(row.id), name=row.name, slug=row.slug, created_at=row.created_at)
 
+    @classmethod
+    async def load(cls, info: Info, organization_id: uuid.UUID) -> Self:
+        """The organization an object already shown to the caller belongs to."""
+        async with info.context.reading() as session:
+            row = await session.get(models.Organization, organization_id)
+        assert row is not None
+        return cls.of(row)
+
     @property
     def pk(self) -> uuid.UUID:
         return uuid.UUID(self.id)

@@ -260,10 +260,7 @@ class Wallet(relay.Node):
     ) -> Annotated[Organization, strawberry.lazy("orgwallet.schema.types")]:
         from orgwallet.schema.types import Organization
 
-        async with info.context.reading() as session:
-            row = await session.get(models.Organization, self._organization_id)
-        assert row is not None
-        return Organization.of(row)
+        return await Organization.load(info, self._organization_id)
 
     @strawberry.field(description="Lots with tokens remaining, in draw-down order.")
     async def grants(self, info: Info) -> list[CreditGrant]:
