@@ -102,14 +102,14 @@ def _database_url() -> str:
 
 async def _check(url: str) -> dict[uuid.UUID, list[str]]:
     from orgwallet import ledger
-    from orgwallet.db.engine import create_engine, session_factory
+    from orgwallet.db.engine import create_engine, dispose, session_factory
 
     engine = create_engine(url, pool_size=1)
     try:
         async with session_factory(engine)() as session:
             return await ledger.violations(session)
     finally:
-        await engine.dispose()
+        await dispose(engine)
 
 
 @cli.command()
@@ -129,7 +129,7 @@ def check() -> None:
 
 async def _expire(url: str) -> int:
     from orgwallet import ledger
-    from orgwallet.db.engine import create_engine, session_factory, transaction
+    from orgwallet.db.engine import create_engine, dispose, session_factory, transaction
 
     engine = create_engine(url, pool_size=1)
     sessions = session_factory(engine)
@@ -146,7 +146,7 @@ async def _expire(url: str) -> int:
                     await ledger.settle(session, wallet_id)
                 settled += 1
     finally:
-        await engine.dispose()
+        await dispose(engine)
 
 
 @cli.command()

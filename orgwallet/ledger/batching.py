@@ -30,7 +30,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from orgwallet.db.engine import driver_connection
+from orgwallet.db.engine import driver_pool
 from orgwallet.ledger import Posting, _json, _posting
 
 #: At most this many consumptions in one transaction (bounds the time the wallet is locked).
@@ -189,8 +189,7 @@ class ConsumptionBatcher:
     async def _execute(self, target: Target, batch: list[_Consumption]) -> list[Any]:
         """One statement in autocommit: its own transaction, one round trip."""
         by, target_id = target
-        async with self._engine.connect() as conn:
-            driver = await driver_connection(conn)
+        async with driver_pool(self._engine).acquire() as driver:
             if len(batch) == 1:
                 return [await driver.fetchrow(CONSUME_ONE[by], target_id, *_arguments(batch[0]))]
             return list(await driver.fetch(CONSUME_BATCH[by], target_id, *_columns(batch)))

@@ -9,29 +9,27 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from strawberry.fastapi import BaseContext
 from strawberry.types import Info as StrawberryInfo
 
 from orgwallet.auth.principals import Principal
 from orgwallet.config import Settings
-from orgwallet.db.engine import transaction
+from orgwallet.db.engine import driver_pool, transaction
 
 if TYPE_CHECKING:
     from orgwallet.app import Services
 
 
 @dataclass
-class Context(BaseContext):
+class Context:
     settings: Settings
     services: Services
     principal: Principal
     request_id: str
     auth_error: str | None = None
     _read_session: AsyncSession | None = None
+    _connection: Any = None  # the asyncpg connection of `connection()`, while held
+    _release: Any = None
     _read_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-    def __post_init__(self) -> None:
-        super().__init__()
 
     @property
     def sessions(self) -> async_sessionmaker[AsyncSession]:
@@ -40,15 +38,24 @@ class Context(BaseContext):
     @asynccontextmanager
     async def reading(self) -> AsyncIterator[AsyncSession]:
         """The request's read session. Sibling fields resolve concurrently, and one
-        session cannot run two statements at once, so use is serialized."""
+        session cannot run two statements at once, so use is serialized. It reads in
+        autocommit (no BEGIN and ROLLBACK round trips: at READ COMMITTED each statement takes
+        its own snapshot anyway) and takes a connection only at its first statement."""
         async with self._read_lock:
             if self._read_session is None:
-                session = self.sessions()
-                # No transaction around reads: at READ COMMITTED each statement takes its own
-                # snapshot anyway, so BEGIN and ROLLBACK would be two round trips for nothing.
-                await session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
-                self._read_session = session
+                self._read_session = self.services.read_sessions()
             yield self._read_session
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[Any]:
+        """The request's asyncpg connection (``DriverPool``), for the hot reads written in SQL:
+        no transaction, each statement on its own snapshot. Serialized like ``reading``."""
+        async with self._read_lock:
+            if self._connection is None:
+                acquiring = driver_pool(self.services.engine).acquire()
+                self._connection = await acquiring.__aenter__()
+                self._release = acquiring
+            yield self._connection
 
     def unit_of_work(self) -> Any:
         """A transaction for one mutation: committed when it ends normally."""
@@ -58,6 +65,9 @@ class Context(BaseContext):
         if self._read_session is not None:
             await self._read_session.close()
             self._read_session = None
+        if self._release is not None:
+            release, self._release, self._connection = self._release, None, None
+            await release.__aexit__(None, None, None)
 
 
 Info = StrawberryInfo[Context, None]

@@ -73,6 +73,13 @@ class Organization(relay.Node):
         return cls(id=str(row.id), name=row.name, slug=row.slug, created_at=row.created_at)
 
     @classmethod
+    def of_record(cls, record: Any) -> Self:
+        """From an asyncpg record of (id, name, slug, created_at)."""
+        return cls(
+            id=str(record["id"]), name=record["name"], slug=record["slug"], created_at=record["created_at"]
+        )
+
+    @classmethod
     async def load(cls, info: Info, organization_id: uuid.UUID) -> Self:
         """The organization an object already shown to the caller belongs to."""
         async with info.context.reading() as session:
@@ -98,7 +105,8 @@ class Organization(relay.Node):
 
         async with info.context.reading() as session:
             await access.authorize(session, info.context.principal, self.pk, Permission.TOKENS_VIEW)
-            row = await wallet_service.read_wallet(session, info.context.sessions, self.pk)
+        async with info.context.connection() as connection:
+            row = await wallet_service.read_wallet(connection, info.context.sessions, self.pk)
         return Wallet.of(row)
 
     @strawberry.field(description="Purchases of tokens, newest first.")

@@ -282,9 +282,9 @@ class Wallet(relay.Node):
         since: datetime | None = None,
         until: datetime | None = None,
     ) -> LedgerEntryConnection:
-        async with info.context.reading() as session:
+        async with info.context.connection() as connection:
             page = await wallet_service.ledger_page(
-                session,
+                connection,
                 self.pk,
                 first=50 if first is None else first,
                 after_seq=decode_cursor(after) if after else None,

@@ -8,6 +8,7 @@ import time
 import uuid
 import weakref
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -16,7 +17,6 @@ from sqlmodel import col, select
 from orgwallet.auth import api_keys as secrets
 from orgwallet.auth.permissions import API_KEY_SCOPES, Permission
 from orgwallet.auth.principals import ApiKeyPrincipal, Principal
-from orgwallet.db.engine import driver_connection
 from orgwallet.db.models import ApiKey, utcnow
 from orgwallet.errors import InvalidInput, NotFound, Unauthenticated
 from orgwallet.services import access, audit, validation
@@ -208,15 +208,14 @@ _LOOKUP = """
 """
 
 
-async def authenticate(session: AsyncSession, secret: str) -> ApiKeyPrincipal:
+async def authenticate(connection: Any, secret: str) -> ApiKeyPrincipal:
     """The key's principal; ``Unauthenticated`` for a malformed, unknown or revoked key. The
-    last-use stamp is written by the lookup itself: on its own unless the session has already
-    begun a transaction."""
+    last-use stamp is written by the lookup itself, on its own (``connection`` is an asyncpg
+    connection outside any transaction)."""
     prefix = secrets.split_prefix(secret)
     if prefix is None:
         raise Unauthenticated("malformed API key")
-    driver = await driver_connection(session)
-    key = await driver.fetchrow(_LOOKUP, prefix, secrets.hash_secret(secret), LAST_USED_RESOLUTION)
+    key = await connection.fetchrow(_LOOKUP, prefix, secrets.hash_secret(secret), LAST_USED_RESOLUTION)
     if key is None or not secrets.matches(secret, key["secret_hash"]):
         raise Unauthenticated("unknown API key")
     if key["revoked_at"] is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from typing import Any
 
 from sqlalchemy import func
 from sqlalchemy.dialects.postgresql import insert
@@ -12,7 +13,7 @@ from sqlmodel import col, select
 from uuid6 import uuid7
 
 from orgwallet.auth.permissions import Permission
-from orgwallet.auth.principals import Principal, UserPrincipal
+from orgwallet.auth.principals import ApiKeyPrincipal, Principal, UserPrincipal
 from orgwallet.config import Settings
 from orgwallet.db.models import Membership, Organization, Role, User
 from orgwallet.errors import Conflict, Forbidden, NotFound
@@ -44,6 +45,20 @@ async def get_organization(
 ) -> Organization | None:
     statement = access.readable_organizations(principal).where(col(Organization.id) == organization_id)
     return (await session.execute(statement)).scalars().one_or_none()
+
+
+_ORGANIZATION = "SELECT id, name, slug, created_at FROM organizations WHERE id = $1"
+
+
+async def get_organization_of_key(
+    connection: Any, principal: ApiKeyPrincipal, organization_id: uuid.UUID
+) -> Any:
+    """``get_organization`` for an API key, on an asyncpg connection: a key sees its own
+    organization and no other (``access.readable_organizations``), so there is no membership
+    to look up. The row (id, name, slug, created_at), or None."""
+    if organization_id != principal.organization_id:
+        return None
+    return await connection.fetchrow(_ORGANIZATION, organization_id)
 
 
 DERIVED_SLUG_ATTEMPTS = 5

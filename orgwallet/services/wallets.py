@@ -17,7 +17,7 @@ from orgwallet import ledger
 from orgwallet.auth.permissions import Permission
 from orgwallet.auth.principals import Principal
 from orgwallet.config import Settings
-from orgwallet.db.engine import driver_connection, transaction
+from orgwallet.db.engine import transaction
 from orgwallet.db.models import CreditLot, LedgerEntry, Reservation, Wallet, WalletStatus
 from orgwallet.errors import InvalidInput, NotFound
 from orgwallet.ledger import EntryKind, GrantSource, batching
@@ -287,11 +287,12 @@ _READ_WALLET = """
 
 
 async def read_wallet(
-    session: AsyncSession, sessions: async_sessionmaker[AsyncSession], organization_id: uuid.UUID
+    connection: Any, sessions: async_sessionmaker[AsyncSession], organization_id: uuid.UUID
 ) -> ledger.WalletState:
-    """The organization's wallet. When a reservation or lot is past due, it is settled first
-    (in its own short transaction), so a read never shows tokens that already went back."""
-    row = await (await driver_connection(session)).fetchrow(_READ_WALLET, organization_id)
+    """The organization's wallet, read on an asyncpg ``connection``. When a reservation or lot
+    is past due, it is settled first (in its own short transaction), so a read never shows
+    tokens that already went back."""
+    row = await connection.fetchrow(_READ_WALLET, organization_id)
     if row is None:
         raise NotFound("wallet not found")
     if row["due"]:
@@ -360,7 +361,7 @@ _KINDS = {kind.value: kind for kind in EntryKind}
 
 
 async def ledger_page(
-    session: AsyncSession,
+    connection: Any,
     wallet_id: uuid.UUID,
     *,
     first: int,
@@ -386,7 +387,7 @@ async def ledger_page(
             conditions.append(condition.format(len(params)))
     params.append(first + 1)
     query = " AND ".join(conditions) + f" ORDER BY seq DESC LIMIT ${len(params)}"
-    rows = await (await driver_connection(session)).fetch(query, *params)
+    rows = await connection.fetch(query, *params)
     entries = [
         ledger.Entry(
             id=r[0],

@@ -31,7 +31,7 @@ from orgwallet.app import create_app
 from orgwallet.auth.permissions import API_KEY_SCOPES, ROLE_PERMISSIONS, Permission
 from orgwallet.auth.principals import UserPrincipal
 from orgwallet.config import Settings
-from orgwallet.db.engine import transaction
+from orgwallet.db.engine import dispose, transaction
 from orgwallet.db.models import Role
 from orgwallet.ledger import GrantSource
 from orgwallet.services import api_keys as key_service
@@ -202,7 +202,7 @@ async def matrix_app(postgres: Postgres, tmp_path_factory: pytest.TempPathFactor
     )
     application = create_app(settings)
     yield application
-    await application.state.services.engine.dispose()
+    await dispose(application.state.services.engine)
     postgres.sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE);")
 
 

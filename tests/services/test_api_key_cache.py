@@ -26,9 +26,9 @@ def lookups(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     seen: list[str] = []
     original = key_service.authenticate
 
-    async def counting(session: Any, secret: str) -> ApiKeyPrincipal:
+    async def counting(connection: Any, secret: str) -> ApiKeyPrincipal:
         seen.append(secret)
-        return await original(session, secret)
+        return await original(connection, secret)
 
     monkeypatch.setattr(key_service, "authenticate", counting)
     return seen
