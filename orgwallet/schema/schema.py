@@ -20,6 +20,7 @@ from orgwallet.resolvers.organizations import OrganizationMutations, Organizatio
 from orgwallet.resolvers.purchases import PurchaseMutations, PurchaseQueries
 from orgwallet.resolvers.wallets import WalletMutations
 from orgwallet.schema.errors import CodedError
+from orgwallet.schema.execution import ExecutionContext
 from orgwallet.schema.extensions import DomainErrorCodes
 from orgwallet.schema.purchases import Purchase, TokenPackage
 from orgwallet.schema.scalars import SCALAR_MAP
@@ -48,6 +49,7 @@ def build_schema(settings: Settings | None = None) -> strawberry.Schema:
         mutation=Mutation,
         types=[ApiKey, Wallet, CreditGrant, LedgerEntry, Reservation, TokenPackage, Purchase],
         config=StrawberryConfig(scalar_map=SCALAR_MAP),
+        execution_context_class=ExecutionContext,
         extensions=[
             # Factories: extensions keep per-operation state, so each request gets its own;
             # the parser and validation caches live at module level and are shared.
