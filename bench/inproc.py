@@ -1,7 +1,8 @@
 """CPU per request inside the application, without HTTP: the bench's database and seed, the ASGI
 app called directly, one request after another. A quick, repeatable number for one change.
 
-python -m bench.inproc [consume|hot|insufficient|balance|history|typename|healthz] [-n 2000] [--profile]
+python -m bench.inproc [consume|hot|insufficient|balance|history|typename|healthz|webhook] [-n 2000]
+                      [--profile]
 
 It leaves out uvicorn's HTTP parsing and the event loop's socket work (the same for every
 request): what it shows is the application's own share. ``--profile`` prints cProfile's top
@@ -14,6 +15,7 @@ import argparse
 import asyncio
 import cProfile
 import io
+import json
 import os
 import pstats
 import secrets
@@ -23,9 +25,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import orjson
 
-from bench import database
+from bench import database, webhooks
+from bench import env as bench_env
 
 QUERIES = {
     "consume": "mutation Consume($org: ID!, $amount: BigInt!, $key: String!) { consumeTokens(input: "
@@ -73,12 +77,76 @@ async def call(app: Any, method: str, path: str, headers: list[tuple[bytes, byte
     return b"".join(chunks)
 
 
-async def run(mode: str, n: int, profile: bool, workdir: Path, db_url: str, seeded: database.Seeded) -> None:
+Request = tuple[str, str, list[tuple[bytes, bytes]], bytes]
+
+
+async def webhook_requests(
+    app: Any, db: database.Database, seeded: database.Seeded, n: int, secret: str
+) -> list[Request]:
+    """``n`` signed checkout.session.completed deliveries (30% repeated), as bench/webhooks.py
+    makes them, but through the app in process."""
+
+    buyers = await webhooks.purchase_keys(db, seeded.many[:20])
+    bodies = []
+    for i in range(round(n * 0.7)):
+        org, key = buyers[i % len(buyers)]
+        answer = orjson.loads(
+            await call(
+                app,
+                "POST",
+                "/graphql",
+                [(b"content-type", b"application/json"), (b"authorization", f"Bearer {key}".encode())],
+                orjson.dumps(
+                    {
+                        "query": webhooks.START_CHECKOUT,
+                        "variables": {"org": org.global_id, "tokens": 10, "key": f"w-{secrets.token_hex(8)}"},
+                    }
+                ),
+            )
+        )
+        url = answer["data"]["startCheckout"]["checkoutUrl"]
+        session_id = webhooks.SESSION_ID.search(url).group(0)  # type: ignore[union-attr]
+        session = orjson.loads(
+            await call(
+                app,
+                "GET",
+                f"/_stripe/v1/checkout/sessions/{session_id}",
+                [(b"authorization", b"Bearer sk_test_bench")],
+                b"",
+            )
+        )
+        event = {
+            "id": f"evt_inproc_{secrets.token_hex(10)}",
+            "object": "event",
+            "api_version": "2024-06-20",
+            "created": int(time.time()),
+            "livemode": False,
+            "type": "checkout.session.completed",
+            "data": {"object": {**session, "status": "complete", "payment_status": "paid"}},
+        }
+        bodies.append(json.dumps(event, indent=2).encode())
+    deliveries = webhooks.burst(bodies, duplicate_share=0.3, secret=secret)
+    return [
+        (
+            "POST",
+            "/webhooks/stripe",
+            [(b"stripe-signature", sig.encode()), (b"content-type", b"application/json")],
+            body,
+        )
+        for sig, body in deliveries
+    ]
+
+
+async def run(
+    mode: str, n: int, profile: bool, workdir: Path, db: database.Database, seeded: database.Seeded
+) -> None:
+    webhook_secret = f"whsec_inproc_{secrets.token_hex(16)}"
     os.environ.update(
         {
-            "ORGWALLET_DATABASE_URL": db_url,
+            "ORGWALLET_DATABASE_URL": db.url,
             "ORGWALLET_HOME": str(workdir / "home"),
             "ORGWALLET_JWT_SECRET": secrets.token_urlsafe(48),
+            "STRIPE_WEBHOOK_SECRET": webhook_secret,
         }
     )
     from orgwallet.app import create_app
@@ -87,7 +155,7 @@ async def run(mode: str, n: int, profile: bool, workdir: Path, db_url: str, seed
     orgs = {"hot": [seeded.hot], "history": [seeded.history]}.get(mode, seeded.many)
     expect = {"insufficient": b"INSUFFICIENT_TOKENS", "healthz": b"ok"}.get(mode, b"")
 
-    def request(i: int) -> tuple[str, str, list[tuple[bytes, bytes]], bytes]:
+    def request(i: int) -> Request:
         if mode == "healthz":
             return "GET", "/healthz", [], b""
         org = orgs[i % len(orgs)]
@@ -103,27 +171,45 @@ async def run(mode: str, n: int, profile: bool, workdir: Path, db_url: str, seed
         return "POST", "/graphql", headers, orjson.dumps({"query": query, "variables": variables})
 
     async with app.router.lifespan_context(app):
-        # Warm-up: every API key known, caches filled.
-        for i in range(min(len(orgs), 1000) + 50):
-            await call(app, *request(i))
-        sample = await call(app, *request(0))
+        if mode == "webhook":
+            # Each delivery once: the first 100 warm up, the rest (30% repeats) are measured.
+            deliveries = await webhook_requests(app, db, seeded, n + 100, webhook_secret)
+            warm_up, measured = deliveries[:100], deliveries[100:]
+            n = len(measured)
+        else:
+            # Every API key known, caches filled.
+            warm_up = [request(i) for i in range(min(len(orgs), 1000) + 50)]
+            measured = [request(i) for i in range(n)]
+        for delivery in warm_up:
+            await call(app, *delivery)
+        sample = await call(app, *warm_up[-1])
         print(sample[:300].decode(errors="replace"))
         if expect:
             assert expect in sample, sample
         elif b'"errors"' in sample:
             raise SystemExit(f"errors in the answer: {sample[:500]!r}")
         profiler = cProfile.Profile() if profile else None
+        stats_connection = await asyncpg.connect(db.dsn)
+        stats_before = await _database_stats(stats_connection)
+        pg_cpu = bench_env.tree_cpu_seconds(db.postmaster_pid) or 0.0
         cpu, wall = time.process_time(), time.perf_counter()
         if profiler:
             profiler.enable()
-        for i in range(n):
-            await call(app, *request(i))
+        for delivery in measured:
+            await call(app, *delivery)
         if profiler:
             profiler.disable()
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        pg_cpu = (bench_env.tree_cpu_seconds(db.postmaster_pid) or 0.0) - pg_cpu
+        stats_after = await _database_stats(stats_connection)
+        await stats_connection.close()
+        print(
+            "  per request:",
+            ", ".join(f"{k} {(stats_after[k] - stats_before[k]) / n:.2f}" for k in stats_before),
+        )
         print(
             f"{mode}: {n} requests, {1000 * cpu / n:.3f} CPU ms/request, "
-            f"{1000 * wall / n:.3f} wall ms/request"
+            f"{1000 * pg_cpu / n:.3f} PostgreSQL CPU ms/request, {1000 * wall / n:.3f} wall ms/request"
         )
         if profiler:
             stats = pstats.Stats(profiler)
@@ -138,6 +224,15 @@ async def run(mode: str, n: int, profile: bool, workdir: Path, db_url: str, seed
                 out = io.StringIO()
                 pstats.Stats(profiler, stream=out).sort_stats(order).print_stats(45)
                 print(out.getvalue())
+
+
+async def _database_stats(connection: Any) -> dict[str, int]:
+    await connection.execute("SELECT pg_stat_clear_snapshot()")
+    row = await connection.fetchrow(
+        "SELECT xact_commit, xact_rollback, tup_returned, tup_fetched, tup_inserted, tup_updated,"
+        " blks_hit FROM pg_stat_database WHERE datname = current_database()"
+    )
+    return dict(row)
 
 
 def _package(filename: str) -> str:
@@ -155,7 +250,7 @@ def main() -> None:
     parser.add_argument(
         "modes",
         nargs="+",
-        choices=["consume", "hot", "insufficient", "balance", "history", "typename", "healthz"],
+        choices=["consume", "hot", "insufficient", "balance", "history", "typename", "healthz", "webhook"],
     )
     parser.add_argument("-n", type=int, default=2000)
     parser.add_argument("--organizations", type=int, default=1000)
@@ -166,7 +261,7 @@ def main() -> None:
     try:
         seeded = asyncio.run(database.seed(db.dsn, args.organizations))
         for mode in args.modes:
-            asyncio.run(run(mode, args.n, args.profile, workdir, db.url, seeded))
+            asyncio.run(run(mode, args.n, args.profile, workdir, db, seeded))
     finally:
         db.stop()
         shutil.rmtree(workdir, ignore_errors=True)

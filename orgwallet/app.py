@@ -37,7 +37,7 @@ from orgwallet.schema.context import Context
 from orgwallet.schema.schema import build_schema
 from orgwallet.services import api_keys as key_service
 from orgwallet.services.audit import request_id_var
-from orgwallet.webhooks import stripe_webhook_router
+from orgwallet.webhooks import stripe_webhook_route
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     graphql = GraphQLEndpoint(services, graphql_ide="graphiql" if settings.graphiql else None)
     # An ASGI app as a route's endpoint: Starlette calls it as it is (typed for functions only).
     app.add_route("/graphql", graphql, methods=["GET", "POST"])  # type: ignore[arg-type]
-    app.include_router(stripe_webhook_router(services.sessions, services.gateway))
+    app.router.routes.append(stripe_webhook_route(engine, services.sessions, services.gateway))
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -42,13 +42,17 @@ def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
 
 @asynccontextmanager
 async def transaction(factory: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
-    """One unit of work: commits when the block ends normally, rolls back otherwise."""
+    """One unit of work: commits when the block ends normally, rolls back otherwise. A block
+    that sent nothing and left nothing to flush (an API key's consumption goes through the
+    group commit, on its own connection) has nothing to commit: no round trip, no greenlet."""
     async with factory() as session:
         try:
             yield session
-            await session.commit()
+            if session.in_transaction() or session.new or session.dirty or session.deleted:
+                await session.commit()
         except BaseException:
-            await session.rollback()
+            if session.in_transaction():
+                await session.rollback()
             raise
 
 
