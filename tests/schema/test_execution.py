@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import enum
 from datetime import UTC, datetime
-from typing import Any, NewType
+from typing import Any, ClassVar, NewType, Self
 
 import pytest
 import strawberry
 from graphql import ExecutionResult, FieldNode, GraphQLObjectType, NameNode
+from strawberry import relay
 from strawberry.schema.config import StrawberryConfig
 
 from orgwallet.schema.execution import ExecutionContext, _plan
@@ -64,7 +65,32 @@ def item(n: int) -> Item:
 
 
 @strawberry.type
+class Thing(relay.Node):
+    id: relay.NodeID[str]
+    label: str
+
+
+@strawberry.type
+class Custom(relay.Node):
+    """Resolves its own id: it must keep going through Strawberry's resolver."""
+
+    code: relay.NodeID[str]
+
+    @classmethod
+    def resolve_id(cls, root: Self, *, info: strawberry.Info) -> str:
+        return root.code.upper()
+
+
+@strawberry.type
 class Query:
+    @strawberry.field
+    def things(self) -> list[Thing]:
+        return [Thing(id=f"t{n}", label=f"thing {n}") for n in range(3)]
+
+    @strawberry.field
+    def customs(self) -> list[Custom]:
+        return [Custom(code=f"c{n}") for n in range(3)]
+
     @strawberry.field
     def items(self) -> list[Item]:
         return [item(n) for n in range(5)]
@@ -90,6 +116,8 @@ QUERIES = [
     "{ items { name requiredButMissing } }",  # null in a non-null field at items.3
     "{ items { n: name name __typename c: color } }",
     "query($skip: Boolean!) { items { name note @skip(if: $skip) count @include(if: $skip) } }",
+    "{ things { id label } customs { id } }",
+    "{ things { ... on Node { id } } }",
 ]
 
 
@@ -122,6 +150,32 @@ def test_plain_leaves_take_the_short_path_and_nothing_else_does() -> None:
     assert not planned(item_type, "name", arguments=True)
     assert not planned(item_type, "__typename")
     assert not planned(query_type, "items")  # a resolver, and a list of objects
+
+
+class CountingContext(ExecutionContext):
+    """Counts the fields that went down graphql-core's path (each builds a resolve info)."""
+
+    built: ClassVar[list[str]] = []
+
+    def build_resolve_info(self, field_def: Any, field_nodes: Any, *args: Any) -> Any:
+        self.built.append(field_nodes[0].name.value)
+        return super().build_resolve_info(field_def, field_nodes, *args)
+
+
+async def test_plain_leaves_are_answered_without_graphql_cores_path() -> None:
+    counting = strawberry.Schema(
+        query=Query, config=StrawberryConfig(scalar_map=SCALARS), execution_context_class=CountingContext
+    )
+    CountingContext.built.clear()
+    result = await counting.execute("{ items { name note color count at shout } }")
+    assert not result.errors and result.data is not None and len(result.data["items"]) == 5
+    assert CountingContext.built == ["items"] + ["shout"] * 5  # the resolvers only
+    CountingContext.built.clear()
+    result = await counting.execute("{ things { id label } customs { id } }")
+    assert not result.errors and result.data is not None
+    assert result.data["things"][0]["id"] == relay.to_base64("Thing", "t0")
+    assert result.data["customs"][0]["id"] == relay.to_base64("Custom", "C0")
+    assert CountingContext.built == ["things", "customs"] + ["id"] * 3  # a node's own resolve_id
 
 
 async def test_errors_are_where_the_schema_says() -> None:
