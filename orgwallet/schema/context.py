@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -11,9 +12,11 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from strawberry.types import Info as StrawberryInfo
 
-from orgwallet.auth.principals import Principal
+from orgwallet.auth.permissions import Permission
+from orgwallet.auth.principals import ApiKeyPrincipal, Principal
 from orgwallet.config import Settings
 from orgwallet.db.engine import driver_pool, transaction
+from orgwallet.services import access
 
 if TYPE_CHECKING:
     from orgwallet.app import Services
@@ -56,6 +59,14 @@ class Context:
                 self._connection = await acquiring.__aenter__()
                 self._release = acquiring
             yield self._connection
+
+    async def authorize(self, organization_id: uuid.UUID, permission: Permission) -> access.Access:
+        """``access.authorize`` for the caller: an API key's scopes are checked in memory (no
+        session is opened), a user's role is read in the read session."""
+        if isinstance(self.principal, ApiKeyPrincipal):
+            return access.check(access.key_access(self.principal, organization_id), permission)
+        async with self.reading() as session:
+            return await access.authorize(session, self.principal, organization_id, permission)
 
     def unit_of_work(self) -> Any:
         """A transaction for one mutation: committed when it ends normally."""

@@ -103,8 +103,7 @@ class Organization(relay.Node):
     async def wallet(self, info: Info) -> Annotated[Wallet, strawberry.lazy("orgwallet.schema.wallets")]:
         from orgwallet.schema.wallets import Wallet
 
-        async with info.context.reading() as session:
-            await access.authorize(session, info.context.principal, self.pk, Permission.TOKENS_VIEW)
+        await info.context.authorize(self.pk, Permission.TOKENS_VIEW)
         async with info.context.connection() as connection:
             row = await wallet_service.read_wallet(connection, info.context.sessions, self.pk)
         return Wallet.of(row)

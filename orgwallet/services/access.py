@@ -57,13 +57,24 @@ async def role_in(session: AsyncSession, subject: str, organization_id: uuid.UUI
     return Role(role) if role is not None else None
 
 
+def key_access(principal: ApiKeyPrincipal, organization_id: uuid.UUID) -> Access:
+    """An API key's access, known without the database: its scopes, in its own organization."""
+    if principal.organization_id != organization_id:
+        raise NotFound("organization not found")
+    return Access(organization_id, None, principal.scopes)
+
+
+def check(granted: Access, permission: Permission) -> Access:
+    if permission not in granted.permissions:
+        raise Forbidden(f"missing permission {permission.value}")
+    return granted
+
+
 async def access(session: AsyncSession, principal: Principal, organization_id: uuid.UUID) -> Access:
     """What ``principal`` may do in the organization; ``NotFound`` when it may see nothing."""
     principal = require_authenticated(principal)
     if isinstance(principal, ApiKeyPrincipal):
-        if principal.organization_id != organization_id:
-            raise NotFound("organization not found")
-        return Access(organization_id, None, principal.scopes)
+        return key_access(principal, organization_id)
     role = await role_in(session, principal.subject, organization_id)
     if role is not None:
         return Access(organization_id, role, ROLE_PERMISSIONS[role])
@@ -82,10 +93,7 @@ async def authorize(
     organization_id: uuid.UUID,
     permission: Permission,
 ) -> Access:
-    granted = await access(session, principal, organization_id)
-    if permission not in granted.permissions:
-        raise Forbidden(f"missing permission {permission.value}")
-    return granted
+    return check(await access(session, principal, organization_id), permission)
 
 
 def readable_organizations(principal: Principal) -> SelectOfScalar[Organization]:
