@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import gc
 import io
 import json
 import os
@@ -188,6 +189,16 @@ async def run(
             assert expect in sample, sample
         elif b'"errors"' in sample:
             raise SystemExit(f"errors in the answer: {sample[:500]!r}")
+        pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+        started: list[float] = []
+
+        def on_gc(phase: str, info: dict[str, int]) -> None:
+            if phase == "start":
+                started.append(time.perf_counter())
+            elif started:
+                pauses[info["generation"]].append(time.perf_counter() - started.pop())
+
+        gc.callbacks.append(on_gc)
         profiler = cProfile.Profile() if profile else None
         stats_connection = await asyncpg.connect(db.dsn)
         stats_before = await _database_stats(stats_connection)
@@ -201,6 +212,14 @@ async def run(
             profiler.disable()
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
         pg_cpu = (bench_env.tree_cpu_seconds(db.postmaster_pid) or 0.0) - pg_cpu
+        gc.callbacks.remove(on_gc)
+        print(
+            "  garbage collections:",
+            ", ".join(
+                f"gen{g} {len(p)} (longest {1000 * max(p, default=0):.2f} ms, total {1000 * sum(p):.1f} ms)"
+                for g, p in pauses.items()
+            ),
+        )
         stats_after = await _database_stats(stats_connection)
         await stats_connection.close()
         print(

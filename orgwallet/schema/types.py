@@ -67,6 +67,8 @@ class Organization(relay.Node):
     name: str
     slug: str
     created_at: datetime
+    # The wallet, when it was read with the organization (an API key's organization(id)).
+    _wallet: strawberry.Private[Any] = None
 
     @classmethod
     def of(cls, row: models.Organization) -> Self:
@@ -74,9 +76,14 @@ class Organization(relay.Node):
 
     @classmethod
     def of_record(cls, record: Any) -> Self:
-        """From an asyncpg record of (id, name, slug, created_at)."""
+        """From an asyncpg record of (id, name, slug, created_at), with the wallet's columns
+        when the record has them (``get_organization_of_key``)."""
         return cls(
-            id=str(record["id"]), name=record["name"], slug=record["slug"], created_at=record["created_at"]
+            id=str(record["id"]),
+            name=record["name"],
+            slug=record["slug"],
+            created_at=record["created_at"],
+            _wallet=wallet_service.wallet_state(record) if "wallet_id" in record else None,
         )
 
     @classmethod
@@ -104,6 +111,8 @@ class Organization(relay.Node):
         from orgwallet.schema.wallets import Wallet
 
         await info.context.authorize(self.pk, Permission.TOKENS_VIEW)
+        if self._wallet is not None:
+            return Wallet.of(self._wallet)
         async with info.context.connection() as connection:
             row = await wallet_service.read_wallet(connection, info.context.sessions, self.pk)
         return Wallet.of(row)

@@ -47,7 +47,13 @@ async def get_organization(
     return (await session.execute(statement)).scalars().one_or_none()
 
 
-_ORGANIZATION = "SELECT id, name, slug, created_at FROM organizations WHERE id = $1"
+# The organization and, in the same round trip, its wallet (what a back end's balance read asks).
+_ORGANIZATION = f"""
+    SELECT o.id, o.name, o.slug, o.created_at, ws.*
+    FROM organizations o
+    LEFT JOIN LATERAL ({wallets.WALLET_STATE} WHERE w.organization_id = o.id) ws ON true
+    WHERE o.id = $1
+"""  # noqa: S608 (constant SQL)
 
 
 async def get_organization_of_key(
@@ -55,7 +61,8 @@ async def get_organization_of_key(
 ) -> Any:
     """``get_organization`` for an API key, on an asyncpg connection: a key sees its own
     organization and no other (``access.readable_organizations``), so there is no membership
-    to look up. The row (id, name, slug, created_at), or None."""
+    to look up. The row (id, name, slug, created_at, and its wallet's ``WALLET_STATE``
+    columns: ``wallets.wallet_state`` reads them), or None."""
     if organization_id != principal.organization_id:
         return None
     return await connection.fetchrow(_ORGANIZATION, organization_id)

@@ -274,16 +274,37 @@ async def set_wallet_status(
 
 
 # The wallet, and whether a reservation or a lot of it is past due: one round trip, on the
-# driver's connection (it is most of a balance read).
-_READ_WALLET = """
-    SELECT w.id, w.organization_id, w.status, w.balance, w.reserved, w.lifetime_purchased,
-           w.lifetime_granted, w.lifetime_consumed, w.lifetime_expired,
+# driver's connection (it is most of a balance read). WALLET_STATE is also joined to the
+# organization by organizations.get_organization_of_key.
+WALLET_STATE = """
+    SELECT w.id AS wallet_id, w.organization_id AS wallet_organization_id, w.status AS wallet_status,
+           w.balance, w.reserved, w.lifetime_purchased, w.lifetime_granted, w.lifetime_consumed,
+           w.lifetime_expired,
            EXISTS (SELECT 1 FROM reservations r
                    WHERE r.wallet_id = w.id AND r.status = 'open' AND r.expires_at <= now())
         OR EXISTS (SELECT 1 FROM credit_lots l
                    WHERE l.wallet_id = w.id AND l.remaining > 0 AND l.expires_at <= now()) AS due
-    FROM wallets w WHERE w.organization_id = $1
+    FROM wallets w
 """
+_READ_WALLET = WALLET_STATE + " WHERE w.organization_id = $1"
+
+
+def wallet_state(row: Any) -> ledger.WalletState | None:
+    """The wallet of a ``WALLET_STATE`` row as it stands; None when there is none, or when a
+    reservation or lot is past due (``read_wallet`` settles it first)."""
+    if row["wallet_id"] is None or row["due"]:
+        return None
+    return ledger.WalletState(
+        id=row["wallet_id"],
+        organization_id=row["wallet_organization_id"],
+        status=row["wallet_status"],
+        balance=row["balance"],
+        reserved=row["reserved"],
+        lifetime_purchased=row["lifetime_purchased"],
+        lifetime_granted=row["lifetime_granted"],
+        lifetime_consumed=row["lifetime_consumed"],
+        lifetime_expired=row["lifetime_expired"],
+    )
 
 
 async def read_wallet(
@@ -295,20 +316,11 @@ async def read_wallet(
     row = await connection.fetchrow(_READ_WALLET, organization_id)
     if row is None:
         raise NotFound("wallet not found")
-    if row["due"]:
+    state = wallet_state(row)
+    if state is None:  # past due
         async with transaction(sessions) as writer:
-            return await ledger.settle(writer, row["id"])
-    return ledger.WalletState(
-        id=row["id"],
-        organization_id=row["organization_id"],
-        status=row["status"],
-        balance=row["balance"],
-        reserved=row["reserved"],
-        lifetime_purchased=row["lifetime_purchased"],
-        lifetime_granted=row["lifetime_granted"],
-        lifetime_consumed=row["lifetime_consumed"],
-        lifetime_expired=row["lifetime_expired"],
-    )
+            return await ledger.settle(writer, row["wallet_id"])
+    return state
 
 
 async def grants(session: AsyncSession, wallet_id: uuid.UUID) -> list[CreditLot]:

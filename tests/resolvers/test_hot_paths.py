@@ -8,6 +8,7 @@ import asyncio
 
 import pytest
 from fastapi import FastAPI
+from sqlalchemy import text
 
 from orgwallet.db.engine import driver_pool
 from tests.helpers import GraphQLClient, create_api_key, create_org
@@ -89,3 +90,23 @@ async def test_every_request_gives_its_connection_back(
     assert pool.get_idle_size() == pool.get_size()
     wallet = (await client.data(HISTORY, {"org": org}, bearer=key))["organization"]["wallet"]
     assert wallet["balance"] == app.state.services.settings.trial_tokens + 1000 - size * 3
+
+
+async def test_a_key_reading_its_balance_sees_expired_tokens_gone(
+    client: GraphQLClient, app: FastAPI, org: str, key: str
+) -> None:
+    """The organization and its wallet are read in one statement for a key; a lot past due is
+    still settled before the balance is shown."""
+    before = await client.data(ORG, {"org": org}, bearer=key)
+    assert before["organization"]["wallet"]["balance"] == app.state.services.settings.trial_tokens
+    async with app.state.services.engine.begin() as connection:
+        await connection.execute(
+            text("UPDATE credit_lots SET expires_at = now() - interval '1 second' WHERE remaining > 0")
+        )
+    after = await client.data(ORG, {"org": org}, bearer=key)
+    assert after["organization"]["wallet"]["balance"] == 0
+    expired = """query($org: ID!) { organization(id: $org) { wallet { ledger(first: 1) { edges { node {
+                   kind amount } } } } } }"""
+    page = await client.data(expired, {"org": org}, bearer=key)
+    newest = page["organization"]["wallet"]["ledger"]["edges"][0]["node"]
+    assert newest == {"kind": "EXPIRATION", "amount": -app.state.services.settings.trial_tokens}
