@@ -29,6 +29,7 @@ WALLET_BALANCE = 1_000_000_000
 HOT_BALANCE = 1_000_000_000_000_000
 TRIAL_TOKENS = 3
 HISTORY_ENTRIES = 150
+HANDLED_EVENTS = 5_000
 
 
 def org_id(n: int) -> uuid.UUID:
@@ -261,6 +262,22 @@ async def seed(dsn: str, organizations: int) -> Seeded:
                 HISTORY_ENTRIES,
             )
             assert all(r[0] == "ok" for r in history), "seeding the history wallet failed"
+            # Stripe events handled before (a server that has been up a while has them): the
+            # planner then knows stripe_events is not empty, as it does on a live system, and the
+            # webhook burst's statements are planned for a table of that size (on an empty
+            # table a cached plan would scan it whole for the whole burst).
+            await conn.execute(
+                """
+                INSERT INTO stripe_events (event_id, type, payload, received_at, handled_at, outcome)
+                SELECT 'evt_seed_' || g, 'checkout.session.completed',
+                       jsonb_build_object('id', 'evt_seed_' || g, 'object', 'event',
+                                          'data', jsonb_build_object('object', jsonb_build_object(
+                                              'id', 'cs_seed_' || g, 'padding', repeat('x', 2500)))),
+                       now() - interval '1 day', now() - interval '1 day', 'ignored'
+                FROM generate_series(1, $1::int) g
+                """,
+                HANDLED_EVENTS,
+            )
         await conn.execute("VACUUM ANALYZE")
     finally:
         await conn.close()

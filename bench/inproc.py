@@ -224,7 +224,11 @@ async def run(
         await stats_connection.close()
         print(
             "  per request:",
-            ", ".join(f"{k} {(stats_after[k] - stats_before[k]) / n:.2f}" for k in stats_before),
+            ", ".join(
+                f"{k} {(stats_after[k] - stats_before[k]) / n:.2f}"
+                for k in stats_before
+                if not k.startswith("seq ") or stats_after[k] != stats_before[k]
+            ),
         )
         print(
             f"{mode}: {n} requests, {1000 * cpu / n:.3f} CPU ms/request, "
@@ -246,12 +250,14 @@ async def run(
 
 
 async def _database_stats(connection: Any) -> dict[str, int]:
+    """pg_stat_database's counters, and the sequential scans of each table ("seq <table>")."""
     await connection.execute("SELECT pg_stat_clear_snapshot()")
     row = await connection.fetchrow(
         "SELECT xact_commit, xact_rollback, tup_returned, tup_fetched, tup_inserted, tup_updated,"
         " blks_hit FROM pg_stat_database WHERE datname = current_database()"
     )
-    return dict(row)
+    scans = await connection.fetch("SELECT relname, seq_scan FROM pg_stat_user_tables")
+    return dict(row) | {f"seq {r['relname']}": r["seq_scan"] for r in scans}
 
 
 def _package(filename: str) -> str:

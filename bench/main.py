@@ -144,7 +144,7 @@ class Bench:
         self.say(f"profile {p.name}: PostgreSQL ({'ORGWALLET_DATABASE_URL' if _env_url() else 'embedded'})")
         self.db = database.start(self.workdir, _env_url())
         self.say(f"database {self.db.name}: {self.db.settings.get('version', '')[:60]}")
-        self.say(f"seeding {p.organizations} organizations, the hot wallet and the history wallet")
+        self.say(f"seeding {p.organizations} organizations, the hot wallet, the history wallet, past events")
         self.seeded = asyncio.run(database.seed(self.db.dsn, p.organizations))
         self.lua_data = self.seeded.write_lua_data(self.workdir)
         self.check("seed", full=True)

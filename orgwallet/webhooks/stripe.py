@@ -3,8 +3,9 @@
 1. The signature is verified first (``Stripe-Signature`` against the webhook secret, 300 s
    tolerance). A delivery that fails (no or bad signature, stale timestamp, another secret,
    a body that is not an event) gets 400 and nothing is stored.
-2. In ONE transaction: the event is claimed under its id (insert on conflict), handled, and
-   stamped ``handled_at``. A crash leaves both the event and its effect, or neither.
+2. In ONE transaction: the event is claimed under its id (insert on conflict, stamped
+   ``handled_at``), handled, and its outcome written. A crash leaves both the event and its
+   effect, or neither.
    The claim is ``INSERT ... ON CONFLICT (event_id) DO UPDATE ... WHERE handled_at IS NULL``:
    it returns the row when the insert created it, or when the stored row is one whose
    earlier handling failed (so Stripe's retry is handled, not swallowed as a duplicate);
@@ -40,11 +41,15 @@ log = logging.getLogger(__name__)
 
 MAX_ERROR_LENGTH = 2000
 
+# The row is claimed already stamped handled, its outcome 'handling' until the handler's is
+# written: all in the one transaction, so no other transaction ever sees 'handling', and the
+# final update touches no indexed column (a HOT update; the partial index of unhandled events
+# never gets an entry for an event handled at its first delivery).
 _CLAIM = text(
     """
-    INSERT INTO stripe_events AS e (event_id, type, livemode, payload)
-    VALUES (:event_id, :type, :livemode, CAST(:payload AS jsonb))
-    ON CONFLICT (event_id) DO UPDATE SET attempts = e.attempts + 1
+    INSERT INTO stripe_events AS e (event_id, type, livemode, payload, handled_at, outcome)
+    VALUES (:event_id, :type, :livemode, CAST(:payload AS jsonb), now(), 'handling')
+    ON CONFLICT (event_id) DO UPDATE SET attempts = e.attempts + 1, handled_at = now(), outcome = 'handling'
     WHERE e.handled_at IS NULL
     RETURNING e.attempts
     """
@@ -53,7 +58,7 @@ _ALREADY_HANDLED = (
     "SELECT EXISTS (SELECT 1 FROM stripe_events WHERE event_id = $1 AND handled_at IS NOT NULL)"
 )
 #: Sent on the driver: the claim has begun the transaction.
-_HANDLED = "UPDATE stripe_events SET handled_at = now(), outcome = $2 WHERE event_id = $1"
+_HANDLED = "UPDATE stripe_events SET outcome = $2 WHERE event_id = $1"
 _FAILED = text(
     """
     INSERT INTO stripe_events AS e (event_id, type, livemode, payload, error)
