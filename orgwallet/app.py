@@ -55,7 +55,7 @@ class Services:
     read_sessions: async_sessionmaker[AsyncSession] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.principals = key_service.PrincipalCache(self.sessions)
+        self.principals = key_service.PrincipalCache(self.engine)
         # Sessions for reads: autocommit, the connection taken at the first statement.
         self.read_sessions = session_factory(self.engine.execution_options(isolation_level="AUTOCOMMIT"))
 

@@ -10,13 +10,13 @@ import weakref
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlmodel import col, select
 
 from orgwallet.auth import api_keys as secrets
 from orgwallet.auth.permissions import API_KEY_SCOPES, Permission
 from orgwallet.auth.principals import ApiKeyPrincipal, Principal
+from orgwallet.db.engine import driver_pool
 from orgwallet.db.models import ApiKey, utcnow
 from orgwallet.errors import InvalidInput, NotFound, Unauthenticated
 from orgwallet.services import access, audit, validation
@@ -37,14 +37,14 @@ PRINCIPAL_CACHE_SECONDS = 300.0
 REVOCATION_CHECK_SECONDS = 1.0
 PRINCIPAL_CACHE_SIZE = 100_000
 
-_KEY_SET_VERSION = text("SELECT count(*), count(revoked_at) FROM api_keys")
+_KEY_SET_VERSION = "SELECT count(*), count(revoked_at) FROM api_keys"
 
 
 class PrincipalCache:
     """API key principals of one app (one process), checked against the key set's version."""
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
-        self._sessions = sessions
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
         # secret hash -> (monotonic expiry, key set version when looked up, principal)
         self._principals: dict[str, tuple[float, object, ApiKeyPrincipal]] = {}
         self._version: object = None
@@ -95,9 +95,10 @@ class PrincipalCache:
     async def _read_version(self) -> None:
         try:
             started = time.monotonic()
-            async with self._sessions() as session:
-                await session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
-                version = tuple((await session.execute(_KEY_SET_VERSION)).one())
+            # On the driver's pool: the requests that arrive meanwhile wait for this read, so
+            # it is kept to one prepared statement (no session, no greenlet).
+            async with driver_pool(self._engine).acquire() as connection:
+                version = tuple(await connection.fetchrow(_KEY_SET_VERSION))
             if version != self._version:
                 self._principals.clear()
                 self._version = version
