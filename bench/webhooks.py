@@ -105,19 +105,24 @@ def prepare(base_url: str, buyers: list[tuple[Org, str]], unique: int) -> tuple[
             )
             if session.status_code != 200:
                 raise RuntimeError(f"the Stripe simulator answered {session.status_code} for the session")
-            paid = {**session.json(), "status": "complete", "payment_status": "paid"}
-            event = {
-                "id": f"evt_bench_{secrets.token_hex(10)}",
-                "object": "event",
-                "api_version": "2024-06-20",
-                "created": int(time.time()),
-                "livemode": False,
-                "pending_webhooks": 1,
-                "type": "checkout.session.completed",
-                "data": {"object": paid},
-            }
-            bodies.append(json.dumps(event, indent=2).encode())
+            bodies.append(paid_event(session.json()))
     return bodies, purchases
+
+
+def paid_event(checkout_session: dict[str, Any]) -> bytes:
+    """The body of the ``checkout.session.completed`` event Stripe sends when the session is
+    paid, as Stripe writes it (indented JSON)."""
+    event = {
+        "id": f"evt_bench_{secrets.token_hex(10)}",
+        "object": "event",
+        "api_version": "2024-06-20",
+        "created": int(time.time()),
+        "livemode": False,
+        "pending_webhooks": 1,
+        "type": "checkout.session.completed",
+        "data": {"object": {**checkout_session, "status": "complete", "payment_status": "paid"}},
+    }
+    return json.dumps(event, indent=2).encode()
 
 
 def burst(

@@ -15,11 +15,10 @@ from typing import Any
 import orjson
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import ORJSONResponse
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 from strawberry.asgi import GraphQL
@@ -181,7 +180,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         await services.close()
 
-    app = FastAPI(title="orgwallet", lifespan=lifespan, default_response_class=ORJSONResponse)
+    app = FastAPI(title="orgwallet", lifespan=lifespan)
     services = Services(
         settings=settings,
         engine=engine,
@@ -202,14 +201,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return {"status": "ok"}
 
     @app.get("/readyz")
-    async def readyz() -> ORJSONResponse:
+    async def readyz() -> JSONResponse:
         try:
             async with services.sessions() as session:
                 await session.execute(text("SELECT 1"))
         except Exception:
             log.exception("readiness check failed")
-            return ORJSONResponse({"status": "unavailable"}, status_code=503)
-        return ORJSONResponse({"status": "ready"})
+            return JSONResponse({"status": "unavailable"}, status_code=503)
+        return JSONResponse({"status": "ready"})
 
     if settings.cors_origins:
         app.add_middleware(

@@ -85,9 +85,11 @@ class DriverPool:
         self._pool: asyncpg.Pool | None = None
         self._lock: asyncio.Lock | None = None
 
-    def acquire(self) -> Any:
-        """``async with pool.acquire() as connection``."""
-        return _Acquire(self)
+    @asynccontextmanager
+    async def acquire(self) -> AsyncIterator[Any]:
+        """``async with pool.acquire() as connection``: an asyncpg connection."""
+        async with (await self._get()).acquire() as connection:
+            yield connection
 
     async def _get(self) -> asyncpg.Pool:
         if self._pool is None:
@@ -108,21 +110,6 @@ class DriverPool:
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close()
-
-
-class _Acquire:
-    __slots__ = ("_context", "_driver_pool")
-
-    def __init__(self, driver_pool: DriverPool) -> None:
-        self._driver_pool = driver_pool
-        self._context: Any = None
-
-    async def __aenter__(self) -> Any:
-        self._context = (await self._driver_pool._get()).acquire()
-        return await self._context.__aenter__()
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self._context.__aexit__(*exc)
 
 
 async def _keep_session(connection: asyncpg.Connection) -> None:

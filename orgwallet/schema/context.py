@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -30,9 +30,9 @@ class Context:
     request_id: str
     auth_error: str | None = None
     _read_session: AsyncSession | None = None
-    _connection: Any = None  # the asyncpg connection of `connection()`, while held
-    _release: Any = None
+    _connection: Any = None  # the asyncpg connection of `connection()`
     _read_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _held: AsyncExitStack = field(default_factory=AsyncExitStack)  # what close() gives back
 
     @property
     def sessions(self) -> async_sessionmaker[AsyncSession]:
@@ -46,7 +46,7 @@ class Context:
         its own snapshot anyway) and takes a connection only at its first statement."""
         async with self._read_lock:
             if self._read_session is None:
-                self._read_session = self.services.read_sessions()
+                self._read_session = await self._held.enter_async_context(self.services.read_sessions())
             yield self._read_session
 
     @asynccontextmanager
@@ -55,9 +55,8 @@ class Context:
         no transaction, each statement on its own snapshot. Serialized like ``reading``."""
         async with self._read_lock:
             if self._connection is None:
-                acquiring = driver_pool(self.services.engine).acquire()
-                self._connection = await acquiring.__aenter__()
-                self._release = acquiring
+                pool = driver_pool(self.services.engine)
+                self._connection = await self._held.enter_async_context(pool.acquire())
             yield self._connection
 
     async def authorize(self, organization_id: uuid.UUID, permission: Permission) -> access.Access:
@@ -73,12 +72,9 @@ class Context:
         return transaction(self.sessions)
 
     async def close(self) -> None:
-        if self._read_session is not None:
-            await self._read_session.close()
-            self._read_session = None
-        if self._release is not None:
-            release, self._release, self._connection = self._release, None, None
-            await release.__aexit__(None, None, None)
+        """Closes the read session and gives the connection back, whichever were used."""
+        self._read_session = self._connection = None
+        await self._held.aclose()
 
 
 Info = StrawberryInfo[Context, None]

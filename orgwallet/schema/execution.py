@@ -67,9 +67,8 @@ def _plan_of(schema: GraphQLSchema, parent_type: GraphQLObjectType, name: str) -
         and getattr(field_def.resolve, "_is_default", False)
     ):
         return None
-    field_type = field_def.type
-    non_null = isinstance(field_type, GraphQLNonNull)
-    leaf = field_type.of_type if isinstance(field_type, GraphQLNonNull) else field_type
+    non_null = isinstance(field_def.type, GraphQLNonNull)
+    leaf = field_def.type.of_type if isinstance(field_def.type, GraphQLNonNull) else field_def.type
     if not is_leaf_type(leaf):
         return None
     return definition.python_name, leaf, non_null, relay_id

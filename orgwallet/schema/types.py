@@ -76,14 +76,14 @@ class Organization(relay.Node):
 
     @classmethod
     def of_record(cls, record: Any) -> Self:
-        """From an asyncpg record of (id, name, slug, created_at), with the wallet's columns
-        when the record has them (``get_organization_of_key``)."""
+        """From a record of ``get_organization_of_key``: the organization, and its wallet's
+        state, kept when it stands as read (nothing past due)."""
         return cls(
             id=str(record["id"]),
             name=record["name"],
             slug=record["slug"],
             created_at=record["created_at"],
-            _wallet=wallet_service.wallet_state(record) if "wallet_id" in record else None,
+            _wallet=wallet_service.wallet_state(record),
         )
 
     @classmethod

@@ -26,11 +26,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from orgwallet.db.engine import driver_connection, driver_pool, transaction
@@ -121,16 +120,12 @@ def stripe_webhook_route(
         except (InvalidStripeWebhook, ValueError) as error:
             message = error.message if isinstance(error, InvalidStripeWebhook) else "the body is not JSON"
             log.info("rejected a Stripe webhook delivery: %s", message)
-            return _answer({"error": message}, 400)
+            return JSONResponse({"error": message}, status_code=400)
         async with driver_pool(engine).acquire() as connection:
             handled = await connection.fetchval(_ALREADY_HANDLED, event["id"])
         if handled:
-            return _answer({"received": True, "outcome": "duplicate"}, 200)
+            return JSONResponse({"received": True, "outcome": "duplicate"})
         status, outcome = await handle_event(sessions, gateway, event, body.decode())
-        return _answer({"received": status < 300, "outcome": outcome}, status)
+        return JSONResponse({"received": status < 300, "outcome": outcome}, status_code=status)
 
     return Route("/webhooks/stripe", stripe_webhook, methods=["POST"], include_in_schema=False)
-
-
-def _answer(content: dict[str, Any], status: int) -> Response:
-    return Response(orjson.dumps(content), status_code=status, media_type="application/json")
