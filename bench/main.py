@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import functools
 import json
 import os
 import secrets
@@ -13,6 +14,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,20 +163,8 @@ class Bench:
             if self.pgbench is None:
                 self.notes.append("L0 skipped: no pgbench binary found")
             else:
-                self.say(f"L0 pgbench {mode}: {p.connections} clients, {p.seconds}s")
-                if p.warmup:
-                    baselines.pgbench(
-                        self.pgbench,
-                        self.db,
-                        hot=hot,
-                        wallets=p.organizations,
-                        hot_n=hot_n,
-                        clients=p.connections,
-                        threads=p.threads,
-                        seconds=p.warmup,
-                    )
-                before_entries, pg_before = self.settled_entries(), self.pg_cpu()
-                result = baselines.pgbench(
+                l0 = functools.partial(
+                    baselines.pgbench,
                     self.pgbench,
                     self.db,
                     hot=hot,
@@ -182,53 +172,45 @@ class Bench:
                     hot_n=hot_n,
                     clients=p.connections,
                     threads=p.threads,
-                    seconds=p.seconds,
                 )
-                written = self.entries() - before_entries
-                row = Row(
-                    f"L0 pgbench, {mode}",
-                    "L0",
-                    None,
-                    mode,
-                    requests=result["requests"],
-                    rps=result["rps"],
-                    p50_ms=result["p50_ms"],
-                    p99_ms=result["p99_ms"],
-                    app_cpu_ms=_per(result["client_cpu_seconds"], result["requests"]),
-                    pg_cpu_ms=_per(_delta(pg_before, self.pg_cpu()), result["requests"]),
-                    ok=result["requests"] - result["failed"],
-                    bad=result["failed"],
-                    extra={"entries_written": written},
-                )
-                self._recorded(row, written, in_flight=p.connections)
-                self.rows.append(row)
-                self.check(row.name)
+                self.say(f"L0 pgbench {mode}: {p.connections} clients, {p.seconds}s")
+                self.baseline(f"L0 pgbench, {mode}", "L0", mode, l0, in_flight=p.connections)
             self.say(f"L1 asyncpg {mode}: {p.connections} clients, {p.seconds}s")
             orgs = [self.seeded.hot] if hot else self.seeded.many
-            if p.warmup:
-                baselines.asyncpg_l1(self.db, orgs, clients=p.connections, seconds=p.warmup)
-            before_entries, pg_before = self.settled_entries(), self.pg_cpu()
-            result = baselines.asyncpg_l1(self.db, orgs, clients=p.connections, seconds=p.seconds)
-            written = self.entries() - before_entries
-            ok = int(result["outcomes"].get("ok", 0))
-            row = Row(
-                f"L1 asyncpg, {mode}",
-                "L1",
-                None,
-                mode,
-                requests=result["requests"],
-                rps=result["rps"],
-                p50_ms=result["p50_ms"],
-                p99_ms=result["p99_ms"],
-                app_cpu_ms=_per(result["client_cpu_seconds"], result["requests"]),
-                pg_cpu_ms=_per(_delta(pg_before, self.pg_cpu()), result["requests"]),
-                ok=ok,
-                bad=result["requests"] - ok,
-                extra={"entries_written": written, "outcomes": result["outcomes"]},
-            )
-            self._recorded(row, written, in_flight=0)
-            self.rows.append(row)
-            self.check(row.name)
+            l1 = functools.partial(baselines.asyncpg_l1, self.db, orgs, clients=p.connections)
+            self.baseline(f"L1 asyncpg, {mode}", "L1", mode, l1, in_flight=0)
+
+    def baseline(
+        self, name: str, kind: str, mode: str, run: Callable[..., dict[str, Any]], *, in_flight: int
+    ) -> None:
+        """Warms up, measures, records one baseline row and checks the ledger. pgbench counts
+        its failed transactions; L1 counts the outcome of each call (``outcomes``)."""
+        if self.profile.warmup:
+            run(seconds=self.profile.warmup)
+        before_entries, pg_before = self.settled_entries(), self.pg_cpu()
+        result = run(seconds=self.profile.seconds)
+        written = self.entries() - before_entries
+        requests = result["requests"]
+        outcomes = result.get("outcomes")
+        ok = int(outcomes.get("ok", 0)) if outcomes is not None else requests - result["failed"]
+        row = Row(
+            name,
+            kind,
+            None,
+            mode,
+            requests=requests,
+            rps=result["rps"],
+            p50_ms=result["p50_ms"],
+            p99_ms=result["p99_ms"],
+            app_cpu_ms=_per(result["client_cpu_seconds"], requests),
+            pg_cpu_ms=_per(_delta(pg_before, self.pg_cpu()), requests),
+            ok=ok,
+            bad=requests - ok,
+            extra={"entries_written": written} | ({"outcomes": outcomes} if outcomes is not None else {}),
+        )
+        self._recorded(row, written, in_flight=in_flight)
+        self.rows.append(row)
+        self.check(row.name)
 
     def _recorded(self, row: Row, written: int, *, in_flight: int) -> None:
         """Every answered consumption has its entry; at most the requests in flight when the
