@@ -1,95 +1,41 @@
-"""The FastAPI application: /graphql, /webhooks/stripe, /healthz, /readyz (and /_stripe, the
-offline Stripe simulator, when no real Stripe key is configured)."""
+"""The FastAPI application: /graphql, /webhooks/stripe, /healthz, /readyz; in development,
+/_stripe (the offline Stripe simulator, when no real Stripe key is configured) and /_mail (the
+e-mail outbox, when no SMTP server is configured). Unless ``ORGWALLET_WORKER=off``, a job
+worker runs in the server's process, started and stopped with the app."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 import logging
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 from strawberry.asgi import GraphQL
 
-from orgwallet.auth import api_keys as key_secrets
-from orgwallet.auth.principals import Anonymous, Principal
-from orgwallet.auth.tokens import JwtVerifier
+from orgwallet.auth.principals import Anonymous
 from orgwallet.config import Settings
-from orgwallet.db.engine import create_engine, dispose, driver_pool, session_factory
 from orgwallet.errors import Unauthenticated
-from orgwallet.payments.gateway import StripeGateway
-from orgwallet.payments.runtime import StripeConnection, connect_stripe
-from orgwallet.payments.simulator import Simulator
+from orgwallet.jobs.worker import run as run_worker
+from orgwallet.mailpage import outbox_route
+from orgwallet.runtime import Runtime
 from orgwallet.schema.context import Context
 from orgwallet.schema.schema import build_schema
-from orgwallet.services import api_keys as key_service
 from orgwallet.services.audit import request_id_var
 from orgwallet.webhooks import stripe_webhook_route
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Services:
-    """Process-wide collaborators, built once at start-up."""
-
-    settings: Settings
-    engine: AsyncEngine
-    sessions: async_sessionmaker[AsyncSession]
-    jwt: JwtVerifier
-    stripe: StripeConnection
-    principals: key_service.PrincipalCache = field(init=False)
-    read_sessions: async_sessionmaker[AsyncSession] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.principals = key_service.PrincipalCache(self.engine)
-        # Sessions for reads: autocommit, the connection taken at the first statement.
-        self.read_sessions = session_factory(self.engine.execution_options(isolation_level="AUTOCOMMIT"))
-
-    @property
-    def gateway(self) -> StripeGateway:
-        return self.stripe.gateway
-
-    @property
-    def simulator(self) -> Simulator | None:
-        """The offline Stripe, when it is the one in use (tests drive it directly)."""
-        return self.stripe.simulator
-
-    async def close(self) -> None:
-        await self.stripe.close()
-        await dispose(self.engine)
-
-    async def authenticate(self, authorization: str | None) -> Principal:
-        if not authorization:
-            return Anonymous()
-        scheme, _, token = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise Unauthenticated("Authorization must be 'Bearer <token>'")
-        token = token.strip()
-        if key_secrets.looks_like_api_key(token):
-            secret_hash = key_secrets.hash_secret(token)
-            cached = await self.principals.get(secret_hash)
-            if cached is not None:
-                return cached
-            version = self.principals.version
-            # One statement, atomic on its own: no BEGIN and COMMIT round trips around it.
-            async with driver_pool(self.engine).acquire() as connection:
-                principal = await key_service.authenticate(connection, token)
-            self.principals.remember(secret_hash, principal, version)
-            return principal
-        return self.jwt.verify(token)
 
 
 class GraphQLEndpoint(GraphQL[Context, None]):
@@ -99,9 +45,9 @@ class GraphQLEndpoint(GraphQL[Context, None]):
     orjson (a page of 100 ledger entries is some 20 KB of JSON). The request's context
     (principal, read connection) is closed when the response has been sent."""
 
-    def __init__(self, services: Services, **options: Any) -> None:
-        super().__init__(build_schema(services.settings), **options)
-        self.services = services
+    def __init__(self, runtime: Runtime, **options: Any) -> None:
+        super().__init__(build_schema(runtime.settings), **options)
+        self.runtime = runtime
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -114,12 +60,12 @@ class GraphQLEndpoint(GraphQL[Context, None]):
     async def get_context(self, request: Request | WebSocket, response: Response | WebSocket) -> Context:
         auth_error: str | None = None
         try:
-            principal = await self.services.authenticate(request.headers.get("authorization"))
+            principal = await self.runtime.authenticate(request.headers.get("authorization"))
         except Unauthenticated as error:
             principal, auth_error = Anonymous(), error.message
         context = Context(
-            settings=self.services.settings,
-            services=self.services,
+            settings=self.runtime.settings,
+            runtime=self.runtime,
             principal=principal,
             request_id=request_id_var.get() or "",
             auth_error=auth_error,
@@ -167,9 +113,6 @@ class RequestIdMiddleware:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    if not settings.database_url:
-        raise RuntimeError("ORGWALLET_DATABASE_URL is not set (`orgwallet serve` sets it up)")
-    engine = create_engine(settings.database_url, pool_size=settings.database_pool_size)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -177,24 +120,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # as long as the process. Frozen out of the garbage collector's reach, it no longer makes
         # each full collection a pause of ~100 ms in the middle of requests (it was the p99).
         gc.freeze()
-        yield
-        await services.close()
+        stop = asyncio.Event()
+        worker = None
+        if settings.worker == "embedded":
+            worker = asyncio.create_task(run_worker(runtime, stop), name="orgwallet-worker")
+        try:
+            yield
+        finally:
+            stop.set()
+            if worker is not None:
+                await _stopped(worker)
+            await runtime.close()
 
     app = FastAPI(title="orgwallet", lifespan=lifespan)
-    services = Services(
-        settings=settings,
-        engine=engine,
-        sessions=session_factory(engine),
-        jwt=JwtVerifier(settings),
-        stripe=connect_stripe(app, settings),
-    )
-    app.state.services = services
-    app.state.simulator = services.simulator
+    runtime = Runtime.build(settings, app=app)
+    app.state.runtime = runtime
 
-    graphql = GraphQLEndpoint(services, graphql_ide="graphiql" if settings.graphiql else None)
+    graphql = GraphQLEndpoint(runtime, graphql_ide="graphiql" if settings.graphiql else None)
     # An ASGI app as a route's endpoint: Starlette calls it as it is (typed for functions only).
     app.add_route("/graphql", graphql, methods=["GET", "POST"])  # type: ignore[arg-type]
-    app.router.routes.append(stripe_webhook_route(engine, services.sessions, services.gateway))
+    app.router.routes.append(stripe_webhook_route(runtime.driver, runtime.sessions, runtime.gateway))
+    if not settings.smtp_url:
+        app.router.routes.append(outbox_route(runtime.driver))
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -203,7 +150,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
         try:
-            async with services.sessions() as session:
+            async with runtime.sessions() as session:
                 await session.execute(text("SELECT 1"))
         except Exception:
             log.exception("readiness check failed")
@@ -219,3 +166,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     app.add_middleware(RequestIdMiddleware)
     return app
+
+
+async def _stopped(worker: asyncio.Task[None]) -> None:
+    """Waits for the embedded worker to finish its jobs in flight (it was told to stop)."""
+    try:
+        await asyncio.wait_for(worker, timeout=30)
+    except TimeoutError:
+        log.warning("the embedded worker did not stop within 30 s: cancelled")
+    except Exception:
+        log.exception("the embedded worker failed")

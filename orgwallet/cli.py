@@ -1,4 +1,4 @@
-"""The ``orgwallet`` command: serve, migrate, token, and ledger upkeep."""
+"""The ``orgwallet`` command: serve, worker, migrate, token, and ledger upkeep."""
 
 from __future__ import annotations
 
@@ -55,6 +55,10 @@ def serve(
         typer.echo("           pay on its checkout page with the test card 4242 4242 4242 4242")
         if workers > 1:
             typer.echo("           it keeps its state in memory: use --workers 1 with it", err=True)
+    if settings.worker == "embedded":
+        typer.echo("jobs:      a worker runs in the server (ORGWALLET_WORKER=off to run `orgwallet worker`s)")
+    if not settings.smtp_url:
+        typer.echo(f"e-mail:    kept in the outbox at {public_url}/_mail (no ORGWALLET_SMTP_URL)")
     uvicorn.run(
         "orgwallet.app:create_app",
         factory=True,
@@ -71,6 +75,35 @@ def _browsable(host: str) -> str:
     if host in ("0.0.0.0", "::", ""):  # noqa: S104 (not binding: naming what was bound)
         return "127.0.0.1"
     return f"[{host}]" if ":" in host else host
+
+
+@cli.command()
+def worker() -> None:
+    """Run background jobs (a job worker; start as many as you like against one database)."""
+    import asyncio
+    import logging
+    import signal
+
+    from orgwallet.jobs.worker import run
+    from orgwallet.runtime import Runtime
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings()
+    settings = settings.model_copy(update={"database_url": _database_url()})
+
+    async def main() -> None:
+        runtime = Runtime.build(settings)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await run(runtime, stop)
+        finally:
+            await runtime.close()
+
+    typer.echo("worker: running jobs until SIGINT or SIGTERM")
+    asyncio.run(main())
 
 
 @cli.command()
@@ -102,14 +135,14 @@ def _database_url() -> str:
 
 async def _check(url: str) -> dict[uuid.UUID, list[str]]:
     from orgwallet import ledger
-    from orgwallet.db.engine import create_engine, dispose, session_factory
+    from orgwallet.db.engine import create_engine, session_factory
 
     engine = create_engine(url, pool_size=1)
     try:
         async with session_factory(engine)() as session:
             return await ledger.violations(session)
     finally:
-        await dispose(engine)
+        await engine.dispose()
 
 
 @cli.command()
@@ -128,25 +161,14 @@ def check() -> None:
 
 
 async def _expire(url: str) -> int:
-    from orgwallet import ledger
-    from orgwallet.db.engine import create_engine, dispose, session_factory, transaction
+    from orgwallet.db.engine import create_engine, session_factory
+    from orgwallet.services.wallets import sweep_expired
 
     engine = create_engine(url, pool_size=1)
-    sessions = session_factory(engine)
-    settled = 0
     try:
-        while True:
-            async with sessions() as session:
-                due = await ledger.due_wallets(session)
-            if not due:
-                return settled
-            for wallet_id in due:
-                # One short transaction per wallet: the lock is held only for its own sweep.
-                async with transaction(sessions) as session:
-                    await ledger.settle(session, wallet_id)
-                settled += 1
+        return await sweep_expired(session_factory(engine))
     finally:
-        await dispose(engine)
+        await engine.dispose()
 
 
 @cli.command()

@@ -13,6 +13,7 @@ import secrets
 from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -62,6 +63,26 @@ class Settings(BaseSettings):
     currency: str = "USD"
     min_custom_tokens: int = 1
     max_custom_tokens: int = 100_000
+
+    # Background work. `serve` runs one job worker in its process unless this is "off";
+    # `orgwallet worker` runs more, in processes of their own, against the same database.
+    worker: Literal["embedded", "off"] = "embedded"
+    worker_concurrency: int = 10
+    # A job whose worker stopped sending heartbeats (killed) is run again after this long.
+    worker_heartbeat_seconds: float = 30.0
+    # How often every worker checks for due periodic duties (a cron expression; six fields
+    # count seconds). Each duty still runs once per its own period, however many workers tick.
+    duty_tick_cron: str = "* * * * *"
+    # A file holding the current time for every process that reads it (tests only).
+    clock_file: Path | None = None
+
+    # Notifications and e-mail. With no SMTP server, mail is kept in the outbox that
+    # `serve` shows at /_mail.
+    smtp_url: str | None = None  # smtp://user:password@host:587 (STARTTLS) or smtps://host:465
+    mail_from: str = "orgwallet <no-reply@orgwallet.localhost>"
+    smtp_timeout_seconds: float = 30.0
+    expiring_reminder_days: int = 7
+    max_balance_alerts: int = 20
 
     @cached_property
     def signing_secret(self) -> str:

@@ -75,7 +75,7 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
 async def app(settings: Settings) -> AsyncIterator[FastAPI]:
     application = create_app(settings)
     yield application
-    await application.state.services.close()  # pending Stripe simulator deliveries, then the engine
+    await application.state.runtime.close()  # pending Stripe simulator deliveries, then the engine
 
 
 @pytest.fixture

@@ -164,7 +164,7 @@ TABLES = ("organizations", "users", "memberships", "api_keys", "audit_log")
 
 async def row_counts(app: Any) -> dict[str, int]:
     """Rows per table of this issue, read through the app's own engine."""
-    async with app.state.services.engine.connect() as connection:
+    async with app.state.runtime.engine.connect() as connection:
         return {
             table: int((await connection.execute(text(f"SELECT count(*) FROM {table}"))).scalar_one())  # noqa: S608
             for table in TABLES
@@ -184,7 +184,7 @@ async def snapshot(app: Any) -> dict[str, Any]:
         "credit_lots": "SELECT id, remaining FROM credit_lots ORDER BY id",
         "reservations": "SELECT id, status FROM reservations ORDER BY id",
     }
-    async with app.state.services.engine.connect() as connection:
+    async with app.state.runtime.engine.connect() as connection:
         return {
             table: [tuple(row) for row in (await connection.execute(text(sql))).all()]
             for table, sql in queries.items()

@@ -97,13 +97,13 @@ class Shop:
 
     @property
     def simulator(self) -> Simulator:
-        simulator = self.app.state.simulator
+        simulator = self.app.state.runtime.simulator
         assert simulator is not None
         return simulator
 
     @property
     def gateway(self) -> StripeGateway:
-        gateway: StripeGateway = self.app.state.services.gateway
+        gateway: StripeGateway = self.app.state.runtime.gateway
         return gateway
 
     @property
@@ -166,12 +166,12 @@ class Shop:
         return int(data["organization"]["wallet"]["balance"])
 
     async def sql(self, statement: str, **params: Any) -> list[Any]:
-        async with self.app.state.services.engine.connect() as connection:
+        async with self.app.state.runtime.engine.connect() as connection:
             return list((await connection.execute(text(statement), params)).all())
 
     async def sql_write(self, statement: str, **params: Any) -> None:
         """Committed at once. Without parameters, a script of several statements."""
-        async with self.app.state.services.engine.begin() as connection:
+        async with self.app.state.runtime.engine.begin() as connection:
             if params:
                 await connection.execute(text(statement), params)
             else:
@@ -190,7 +190,7 @@ class Shop:
         return [(row.kind, int(row.amount)) for row in rows]
 
     async def violations(self) -> dict[uuid.UUID, list[str]]:
-        async with self.app.state.services.sessions() as session:
+        async with self.app.state.runtime.sessions() as session:
             return await ledger.violations(session)
 
     async def spend(self, amount: int) -> None:
@@ -219,6 +219,6 @@ async def new_shop(app: FastAPI, client: GraphQLClient, browser: httpx.AsyncClie
 async def shop(app: FastAPI, client: GraphQLClient) -> AsyncIterator[Shop]:
     """An organization buying from the app; its browser reaches the checkout pages in-process
     (any host goes to the app)."""
-    app.state.simulator.webhooks.retry_delays = FAST_RETRIES
+    app.state.runtime.simulator.webhooks.retry_delays = FAST_RETRIES
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app)) as browser:
         yield await new_shop(app, client, browser)

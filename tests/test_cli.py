@@ -11,7 +11,7 @@ from sqlalchemy import text
 from typer.testing import CliRunner
 
 from orgwallet.cli import cli
-from orgwallet.db.engine import create_engine, dispose, session_factory, transaction
+from orgwallet.db.engine import create_engine, session_factory, transaction
 
 
 def run_sql(database_url: str, *statements: str) -> list[object]:
@@ -24,7 +24,7 @@ def run_sql(database_url: str, *statements: str) -> list[object]:
                 results = [await s.execute(text(sql)) for sql in statements]
                 return [r.scalar() if r.returns_rows else None for r in results]
         finally:
-            await dispose(engine)
+            await engine.dispose()
 
     return asyncio.run(go())
 

@@ -64,9 +64,9 @@ class Server:
             time.sleep(0.25)
         pytest.fail(f"/readyz did not answer 200 within {START_TIMEOUT} s:\n{self.log()}")
 
-    def token(self, subject: str) -> str:
+    def token(self, subject: str, email: str | None = None) -> str:
         done = subprocess.run(
-            [*orgwallet_command(), "token", "--sub", subject],
+            [*orgwallet_command(), "token", "--sub", subject, *(["--email", email] if email else [])],
             cwd=self.home.parent,
             env=self.env,
             capture_output=True,
@@ -150,6 +150,24 @@ def test_serve_starts_answers_and_starts_again_with_the_data_kept(home: Path, tm
             'mutation { createOrganization(input: {name: "Kept", slug: "kept"}) { __typename } }', token
         )
         assert created["createOrganization"] == {"__typename": "OrganizationCreated"}
+        # The worker inside serve tells the owner, and the mail lands in the outbox page.
+        owner = first.token("olga", email="olga@example.com")
+        made = first.graphql(
+            'mutation { createOrganization(input: {name: "Told"}) {'
+            " ... on OrganizationCreated { organization { id } } } }",
+            owner,
+        )
+        org = made["createOrganization"]["organization"]["id"]  # type: ignore[index]
+        first.graphql(
+            f'mutation {{ addBalanceAlert(input: {{organizationId: "{org}", threshold: 10}})'
+            " { alert { id } } }",
+            owner,
+        )
+        deadline = time.monotonic() + 30
+        while "[Told] Balance below 10 tokens" not in (page := httpx.get(f"{first.base}/_mail").text):
+            assert time.monotonic() < deadline, f"no mail in the outbox:\n{page[-2000:]}\n{first.log()}"
+            time.sleep(0.2)
+        assert "olga@example.com" in page
     finally:
         code = first.stop()
     assert code == 0, first.log()

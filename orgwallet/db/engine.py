@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
 import orjson
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -40,20 +41,41 @@ def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
 
 
+#: How many units of work (``transaction``) the running task is inside. A call to Stripe (or
+#: any other remote party) checks it is zero: a remote call that hangs must not hold a pool
+#: connection, a row lock or a wallet lock.
+_units_of_work: ContextVar[int] = ContextVar("orgwallet_units_of_work", default=0)
+
+
+class RemoteCallInTransaction(RuntimeError):
+    """A remote call (Stripe, SMTP) was made inside a database transaction: a bug."""
+
+
+def assert_no_transaction(what: str) -> None:
+    """Raises ``RemoteCallInTransaction`` when called inside ``transaction``."""
+    if _units_of_work.get():
+        raise RemoteCallInTransaction(f"{what} called while a database transaction is open")
+
+
 @asynccontextmanager
 async def transaction(factory: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
     """One unit of work: commits when the block ends normally, rolls back otherwise. A block
     that sent nothing and left nothing to flush (an API key's consumption goes through the
-    group commit, on its own connection) has nothing to commit: no round trip, no greenlet."""
-    async with factory() as session:
-        try:
-            yield session
-            if session.in_transaction() or session.new or session.dirty or session.deleted:
-                await session.commit()
-        except BaseException:
-            if session.in_transaction():
-                await session.rollback()
-            raise
+    group commit, on its own connection) has nothing to commit: no round trip, no greenlet.
+    Inside it, ``assert_no_transaction`` raises."""
+    depth = _units_of_work.set(_units_of_work.get() + 1)
+    try:
+        async with factory() as session:
+            try:
+                yield session
+                if session.in_transaction() or session.new or session.dirty or session.deleted:
+                    await session.commit()
+            except BaseException:
+                if session.in_transaction():
+                    await session.rollback()
+                raise
+    finally:
+        _units_of_work.reset(depth)
 
 
 async def driver_connection(source: AsyncSession | AsyncConnection) -> Any:
@@ -67,12 +89,23 @@ async def driver_connection(source: AsyncSession | AsyncConnection) -> Any:
     return driver
 
 
+async def transaction_connection(session: AsyncSession) -> Any:
+    """The session's asyncpg connection, its transaction begun: what is sent on it commits or
+    rolls back with the session (a job enqueued for a change, a notification of it), even when
+    it is the session's first statement."""
+    driver = await driver_connection(session)
+    if not driver.is_in_transaction():
+        await session.execute(text("SELECT 1"))  # SQLAlchemy begins at its first statement
+    return driver
+
+
 class DriverPool:
-    """asyncpg's own pool, beside SQLAlchemy's, for the statements of the hot paths (API key
-    lookups, the wallet and history reads, group-committed consumptions). A connection from
-    SQLAlchemy's pool costs a session, a greenlet switch per call and pool bookkeeping: about
-    0.3 ms of CPU per request, more than the statement it sends. asyncpg prepares and caches
-    each statement per connection, so the hot statements are parsed and planned once.
+    """asyncpg's own pool (one per process, built by ``Runtime``), beside SQLAlchemy's, for the
+    statements of the hot paths (API key lookups, the wallet and history reads, group-committed
+    consumptions). A connection from SQLAlchemy's pool costs a session, a greenlet switch per
+    call and pool bookkeeping: about 0.3 ms of CPU per request, more than the statement it
+    sends. asyncpg prepares and caches each statement per connection, so the hot statements are
+    parsed and planned once.
 
     Created on first use, in the running event loop; at most ``size`` connections, opened
     when needed. Nothing here sets session state (no SET, LISTEN or advisory locks), so a
@@ -80,7 +113,7 @@ class DriverPool:
     left open is still rolled back."""
 
     def __init__(self, url: str, size: int) -> None:
-        self._dsn = url.replace("postgresql+asyncpg://", "postgresql://", 1)
+        self.dsn = url.replace("postgresql+asyncpg://", "postgresql://", 1)
         self._size = size
         self._pool: asyncpg.Pool | None = None
         self._lock: asyncio.Lock | None = None
@@ -97,7 +130,7 @@ class DriverPool:
             async with self._lock:
                 if self._pool is None:
                     self._pool = await asyncpg.create_pool(
-                        self._dsn,
+                        self.dsn,
                         min_size=0,
                         max_size=self._size,
                         reset=_keep_session,
@@ -124,26 +157,6 @@ async def _codecs(connection: asyncpg.Connection) -> None:
 
 def _json_text(value: Any) -> str:
     return value if isinstance(value, str) else orjson.dumps(value).decode()
-
-
-_driver_pools: weakref.WeakKeyDictionary[AsyncEngine, DriverPool] = weakref.WeakKeyDictionary()
-
-
-def driver_pool(engine: AsyncEngine) -> DriverPool:
-    """The engine's asyncpg pool: same database, same size."""
-    pool = _driver_pools.get(engine)
-    if pool is None:
-        url = engine.url.render_as_string(hide_password=False)
-        pool = _driver_pools[engine] = DriverPool(url, engine.pool.size())  # type: ignore[attr-defined]
-    return pool
-
-
-async def dispose(engine: AsyncEngine) -> None:
-    """Closes the engine's connections, its asyncpg pool's included."""
-    pool = _driver_pools.pop(engine, None)
-    if pool is not None:
-        await pool.close()
-    await engine.dispose()
 
 
 def asyncpg_url(pgserver_uri: str, database: str) -> str:

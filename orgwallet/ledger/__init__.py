@@ -26,6 +26,11 @@ Hence balance + reserved = sum of lots' remaining + held amounts = sum of signed
 (amount + held_change). The database enforces ``balance >= 0``, ``reserved >= 0``,
 ``0 <= remaining <= amount``, each kind's direction of ``amount``, one idempotency key per
 wallet, and append-only ``ledger_entries`` and ``ledger_allocations`` (triggers).
+
+The wallet-change signal: every committed change of a balance passes one trigger
+(``wallets_signal``). A change that leaves the wallet's watch band (``watch``) enqueues, in
+the same transaction, one ``wallet.signal`` job, whose handler (``jobs.signal``) lets the
+listeners (balance alerts; next, automatic top-ups and live updates) act and sets the next band.
 """
 
 from __future__ import annotations
@@ -400,6 +405,40 @@ async def set_status(
 ) -> WalletState:
     row = await _call(session, "ledger_set_status", {"wallet": wallet_id, "status": status, "now": now})
     return _posting(row).wallet
+
+
+async def lock_wallet(session: AsyncSession, wallet_id: uuid.UUID) -> tuple[WalletState, int] | None:
+    """Locks the wallet row (as every ledger operation does first) and reads it: the state and
+    its entry sequence. For listeners of the wallet-change signal, which act on a balance that
+    cannot move until they commit."""
+    row = (
+        await session.execute(
+            text(
+                """
+                SELECT id, organization_id, status, balance, reserved, lifetime_purchased,
+                       lifetime_granted, lifetime_consumed, lifetime_expired, entry_seq
+                FROM wallets WHERE id = :wallet FOR UPDATE
+                """
+            ),
+            {"wallet": wallet_id},
+        )
+    ).one_or_none()
+    if row is None:
+        return None
+    return WalletState(*row[:9]), row.entry_seq
+
+
+async def watch(
+    session: AsyncSession, wallet_id: uuid.UUID, *, below: int | None, at_or_above: int | None
+) -> None:
+    """Sets the wallet's watch band: the next balance change that leaves
+    ``[below, at_or_above)`` enqueues one ``wallet.signal`` job (trigger ``wallets_signal``,
+    migration 0007). None on a side watches nothing there. Call it holding the wallet's lock
+    (``lock_wallet``), with a band that holds the current balance."""
+    await session.execute(
+        text("UPDATE wallets SET watch_below = :below, watch_at_or_above = :above WHERE id = :wallet"),
+        {"wallet": wallet_id, "below": below, "above": at_or_above},
+    )
 
 
 async def due_wallets(

@@ -15,22 +15,19 @@ error, not an outcome), its transaction has written nothing, and each of its con
 retried alone, so one bad request cannot fail the others.
 
 A batch commits on its own connection, outside any session: the caller must not need the
-consumption to be part of a larger transaction (``services.wallets.consume_tokens`` uses this
-path only when its session has not begun one).
+consumption to be part of a larger transaction. Which path a consumption takes is the
+caller's choice, in plain sight (``services.wallets.consume_tokens_batched``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncEngine
-
-from orgwallet.db.engine import driver_pool
+from orgwallet.db.engine import DriverPool
 from orgwallet.ledger import Posting, _json, _posting
 
 #: At most this many consumptions in one transaction (bounds the time the wallet is locked).
@@ -93,10 +90,10 @@ class BatchStats:
 
 
 class ConsumptionBatcher:
-    """One per engine (``for_engine``), used from its event loop."""
+    """One per process (``Runtime.batcher``), used from its event loop."""
 
-    def __init__(self, engine: AsyncEngine, *, max_batch: int = MAX_BATCH) -> None:
-        self._engine = engine
+    def __init__(self, driver: DriverPool, *, max_batch: int = MAX_BATCH) -> None:
+        self._driver = driver
         self._max_batch = max_batch
         self._queued: dict[Target, list[_Consumption]] = {}
         self._busy: set[Target] = set()  # wallets with a transaction in flight
@@ -189,7 +186,7 @@ class ConsumptionBatcher:
     async def _execute(self, target: Target, batch: list[_Consumption]) -> list[Any]:
         """One statement in autocommit: its own transaction, one round trip."""
         by, target_id = target
-        async with driver_pool(self._engine).acquire() as driver:
+        async with self._driver.acquire() as driver:
             if len(batch) == 1:
                 return [await driver.fetchrow(CONSUME_ONE[by], target_id, *_arguments(batch[0]))]
             return list(await driver.fetch(CONSUME_BATCH[by], target_id, *_columns(batch)))
@@ -222,14 +219,3 @@ def _settle(
         item.future.set_exception(error)
     else:
         item.future.set_result(posting)  # type: ignore[arg-type]
-
-
-_batchers: weakref.WeakKeyDictionary[AsyncEngine, ConsumptionBatcher] = weakref.WeakKeyDictionary()
-
-
-def for_engine(engine: AsyncEngine) -> ConsumptionBatcher:
-    """The engine's batcher (one per engine, so one per app and per worker process)."""
-    batcher = _batchers.get(engine)
-    if batcher is None:
-        batcher = _batchers[engine] = ConsumptionBatcher(engine)
-    return batcher

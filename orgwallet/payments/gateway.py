@@ -33,6 +33,11 @@ Errors: a card decline is ``PaymentDeclined``; a webhook that fails verification
 ``InvalidStripeWebhook``; everything else Stripe answers raises the SDK's own
 ``stripe.StripeError`` subclasses (``InvalidRequestError``, ``APIConnectionError``, ...).
 
+Never inside a database transaction: every method that goes to Stripe first calls
+``assert_no_transaction``, so inside ``transaction(...)`` it raises ``RemoteCallInTransaction``.
+A call that hangs must not hold a pool connection or a row lock meanwhile: record the intent
+and commit, call Stripe, then record the outcome in another transaction (or read Stripe first).
+
 Talking to the offline simulator: pass ``api_base`` (e.g. ``http://127.0.0.1:8000/_stripe``).
 The SDK's ``stripe.HTTPXClient`` builds its own ``httpx.AsyncClient`` and takes no transport,
 so to reach a simulator mounted in the same process without a network port, pass
@@ -44,14 +49,16 @@ parses every answer and raises its typed errors.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
-from collections.abc import AsyncIterable, Mapping
+from collections.abc import AsyncIterable, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, Concatenate, NoReturn, ParamSpec, TypeVar
 
 import httpx
 import stripe
 
+from orgwallet.db.engine import assert_no_transaction
 from orgwallet.errors import OrgWalletError
 
 # The Stripe API version this code is written against: the one the installed SDK is generated
@@ -61,6 +68,9 @@ STRIPE_API_VERSION = "2026-10-28.endive"
 
 WEBHOOK_TOLERANCE_SECONDS = 300
 DEFAULT_MAX_NETWORK_RETRIES = 2
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class PaymentDeclined(OrgWalletError):
@@ -141,6 +151,20 @@ class TransportHTTPClient(stripe.HTTPClient):
         ) from exc
 
 
+def _remote(
+    method: Callable[Concatenate[StripeGateway, P], Awaitable[R]],
+) -> Callable[Concatenate[StripeGateway, P], Coroutine[Any, Any, R]]:
+    """Marks a method that goes to Stripe: it refuses to run inside a database transaction."""
+    what = f"Stripe {method.__name__}"
+
+    @functools.wraps(method)
+    async def checked(self: StripeGateway, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        assert_no_transaction(what)
+        return await method(self, *args, **kwargs)
+
+    return checked
+
+
 class StripeGateway:
     """Stripe for this project. ``api_base`` points the SDK elsewhere (the simulator);
     ``http_client`` defaults to ``stripe.HTTPXClient()``; the gateway owns it (``close``)."""
@@ -169,6 +193,7 @@ class StripeGateway:
 
     # -- customers -----------------------------------------------------------------------------
 
+    @_remote
     async def create_customer(
         self,
         *,
@@ -184,15 +209,18 @@ class StripeGateway:
             params["email"] = email
         return await self._client.v1.customers.create_async(params, {"idempotency_key": idempotency_key})
 
+    @_remote
     async def retrieve_customer(self, customer_id: str) -> stripe.Customer:
         return await self._client.v1.customers.retrieve_async(customer_id)
 
+    @_remote
     async def set_default_payment_method(self, customer_id: str, payment_method_id: str) -> stripe.Customer:
         """Make ``payment_method_id`` (attached to the customer) the one charged off-session."""
         return await self._client.v1.customers.update_async(
             customer_id, {"invoice_settings": {"default_payment_method": payment_method_id}}
         )
 
+    @_remote
     async def default_payment_method_id(self, customer_id: str) -> str | None:
         customer = await self.retrieve_customer(customer_id)
         settings = customer.invoice_settings
@@ -201,6 +229,7 @@ class StripeGateway:
             return default
         return default.id
 
+    @_remote
     async def list_payment_methods(
         self, customer_id: str, *, type: str = "card"
     ) -> list[stripe.PaymentMethod]:
@@ -211,6 +240,7 @@ class StripeGateway:
 
     # -- checkout ------------------------------------------------------------------------------
 
+    @_remote
     async def create_payment_checkout(
         self,
         *,
@@ -253,6 +283,7 @@ class StripeGateway:
         )
         return _link(session)
 
+    @_remote
     async def create_setup_checkout(
         self,
         *,
@@ -280,17 +311,21 @@ class StripeGateway:
         )
         return _link(session)
 
+    @_remote
     async def retrieve_checkout_session(self, session_id: str) -> stripe.checkout.Session:
         return await self._client.v1.checkout.sessions.retrieve_async(session_id)
 
+    @_remote
     async def expire_checkout_session(self, session_id: str) -> stripe.checkout.Session:
         return await self._client.v1.checkout.sessions.expire_async(session_id)
 
+    @_remote
     async def retrieve_setup_intent(self, setup_intent_id: str) -> stripe.SetupIntent:
         return await self._client.v1.setup_intents.retrieve_async(setup_intent_id)
 
     # -- payments ------------------------------------------------------------------------------
 
+    @_remote
     async def charge_saved_payment_method(
         self,
         *,
@@ -325,17 +360,21 @@ class StripeGateway:
         except stripe.CardError as error:
             raise _declined(error) from error
 
+    @_remote
     async def retrieve_payment_intent(self, payment_intent_id: str) -> stripe.PaymentIntent:
         return await self._client.v1.payment_intents.retrieve_async(payment_intent_id)
 
+    @_remote
     async def retrieve_charge(self, charge_id: str) -> stripe.Charge:
         return await self._client.v1.charges.retrieve_async(charge_id)
 
+    @_remote
     async def receipt_url(self, payment_intent_id: str) -> str | None:
         """The hosted receipt of the intent's latest charge, if it has one."""
         charge = await self.latest_charge(payment_intent_id)
         return charge.receipt_url if charge is not None else None
 
+    @_remote
     async def latest_charge(self, payment_intent_id: str) -> stripe.Charge | None:
         """The intent's latest charge (its id, status and ``receipt_url``), in one request."""
         intent = await self._client.v1.payment_intents.retrieve_async(
@@ -348,6 +387,7 @@ class StripeGateway:
             charge = await self.retrieve_charge(charge)
         return charge
 
+    @_remote
     async def create_refund(
         self,
         *,
@@ -405,6 +445,7 @@ class StripeGateway:
             raise InvalidStripeWebhook("the body is not a Stripe event")
         return event
 
+    @_remote
     async def retrieve_event(self, event_id: str) -> stripe.Event:
         return await self._client.v1.events.retrieve_async(event_id)
 

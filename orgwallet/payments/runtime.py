@@ -1,10 +1,11 @@
-"""Which Stripe the app talks to: the real one when ``STRIPE_SECRET_KEY`` is configured, else
-the offline simulator, mounted in the app itself at ``/_stripe``.
+"""Which Stripe a process talks to: the real one when ``STRIPE_SECRET_KEY`` is configured,
+else the offline simulator, mounted in the web app itself at ``/_stripe``.
 
-With the simulator, the SDK reaches it in-process (an ASGI transport into the app, no port
-needed), webhooks go to the app's own ``/webhooks/stripe`` the same way, and the checkout
-pages it hands out live under ``<public_url>/_stripe`` for a browser. It signs with the
-configured ``STRIPE_WEBHOOK_SECRET`` or a secret generated once under the home directory.
+With the simulator, the web app's SDK reaches it in-process (an ASGI transport into the app,
+no port needed), webhooks go to the app's own ``/webhooks/stripe`` the same way, and the
+checkout pages it hands out live under ``<public_url>/_stripe`` for a browser. It signs with
+the configured ``STRIPE_WEBHOOK_SECRET`` or a secret generated once under the home directory.
+A process without the app (``orgwallet worker``) reaches the server's simulator over HTTP.
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ class StripeConnection:
         await self.gateway.close()
 
 
-def connect_stripe(app: FastAPI, settings: Settings) -> StripeConnection:
-    """The gateway for ``app``; mounts the simulator on it when no real key is configured."""
+def connect_stripe(settings: Settings, app: FastAPI | None = None) -> StripeConnection:
+    """The gateway for ``app``; mounts the simulator on it when no real key is configured.
+    Without an app, the gateway of a worker: the simulator is the running server's."""
     if settings.stripe_secret_key:
         if not settings.stripe_webhook_secret:
             raise RuntimeError(
@@ -56,12 +58,15 @@ def connect_stripe(app: FastAPI, settings: Settings) -> StripeConnection:
         return StripeConnection(StripeGateway(settings.stripe_secret_key, settings.stripe_webhook_secret))
 
     secret = settings.webhook_secret
+    public_base_url = settings.public_url.rstrip("/") + SIMULATOR_MOUNT
+    if app is None:
+        return StripeConnection(StripeGateway(SIMULATOR_SECRET_KEY, secret, api_base=public_base_url))
     internal = httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url=INTERNAL_BASE_URL, timeout=60
     )
     stripe_app, simulator = create_simulator(
         webhook_secret=secret,
-        public_base_url=settings.public_url.rstrip("/") + SIMULATOR_MOUNT,
+        public_base_url=public_base_url,
         deliver=http_webhook_target(internal, "/webhooks/stripe"),
     )
     app.mount(SIMULATOR_MOUNT, stripe_app)

@@ -137,11 +137,12 @@ class PurchaseMutations:
         "Tokens are credited when Stripe confirms the payment.",
     )
     async def start_checkout(self, info: Info, input: StartCheckoutInput) -> StartCheckoutResult:
-        async def run(session: AsyncSession) -> CheckoutStarted:
+        # Not in a unit of work: the service commits the purchase before it calls Stripe.
+        try:
             started = await purchase_service.start_checkout(
-                session,
+                info.context.sessions,
                 info.context.principal,
-                info.context.services.gateway,
+                info.context.runtime.gateway,
                 info.context.settings,
                 global_id(input.organization_id, "Organization", "organizationId"),
                 package_id=_package_id(input.package_id),
@@ -150,9 +151,9 @@ class PurchaseMutations:
                 cancel_url=input.cancel_url,
                 idempotency_key=input.idempotency_key,
             )
-            return CheckoutStarted(purchase=Purchase.of(started.purchase), checkout_url=started.checkout_url)
-
-        return await mutate(info, run)
+        except OrgWalletError as error:
+            return user_error(error)
+        return CheckoutStarted(purchase=Purchase.of(started.purchase), checkout_url=started.checkout_url)
 
     @strawberry.mutation(
         permission_classes=[IsAuthenticated],
@@ -166,7 +167,7 @@ class PurchaseMutations:
             outcome = await purchase_service.purchase_with_saved_card(
                 info.context.sessions,
                 info.context.principal,
-                info.context.services.gateway,
+                info.context.runtime.gateway,
                 info.context.settings,
                 global_id(input.organization_id, "Organization", "organizationId"),
                 package_id=_package_id(input.package_id),
@@ -195,18 +196,19 @@ class PurchaseMutations:
     async def setup_payment_method(
         self, info: Info, input: SetupPaymentMethodInput
     ) -> SetupPaymentMethodResult:
-        async def run(session: AsyncSession) -> PaymentMethodSetupStarted:
+        # Not in a unit of work: Stripe is called between the service's own transactions.
+        try:
             link = await purchase_service.setup_payment_method(
-                session,
+                info.context.sessions,
                 info.context.principal,
-                info.context.services.gateway,
+                info.context.runtime.gateway,
                 global_id(input.organization_id, "Organization", "organizationId"),
                 success_url=input.success_url,
                 cancel_url=input.cancel_url,
             )
-            return PaymentMethodSetupStarted(checkout_url=link.url)
-
-        return await mutate(info, run)
+        except OrgWalletError as error:
+            return user_error(error)
+        return PaymentMethodSetupStarted(checkout_url=link.url)
 
     @strawberry.mutation(permission_classes=[IsPlatformAdmin], description="Platform admins only.")
     async def create_token_package(self, info: Info, input: CreateTokenPackageInput) -> TokenPackageResult:

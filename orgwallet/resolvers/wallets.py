@@ -8,11 +8,13 @@ import strawberry
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from orgwallet import ledger
+from orgwallet.auth.permissions import Permission
 from orgwallet.db import models
 from orgwallet.db.models import WalletStatus as WalletStatusModel
-from orgwallet.errors import NotFound
+from orgwallet.errors import NotFound, OrgWalletError
 from orgwallet.resolvers.common import mutate
 from orgwallet.schema.context import Info
+from orgwallet.schema.errors import user_error
 from orgwallet.schema.permissions import IsAuthenticated, IsPlatformAdmin
 from orgwallet.schema.wallets import (
     CaptureReservationInput,
@@ -61,22 +63,25 @@ async def _reservation(session: AsyncSession, posting: ledger.Posting) -> Reserv
 class WalletMutations:
     @strawberry.mutation(permission_classes=[IsAuthenticated])
     async def consume_tokens(self, info: Info, input: ConsumeTokensInput) -> ConsumeTokensResult:
-        async def run(session: AsyncSession) -> TokensConsumed:
+        # A consumption is one ledger call and nothing else: it goes through the group commit
+        # (its own transaction, shared with concurrent consumptions of the wallet).
+        try:
             organization_id = global_id(input.organization_id, "Organization", "organizationId")
-            posting = await wallet_service.consume_tokens(
-                session,
-                info.context.principal,
-                organization_id,
+            granted = await info.context.authorize(organization_id, Permission.TOKENS_CONSUME)
+            posting = await wallet_service.consume_tokens_batched(
+                info.context.runtime.batcher,
+                granted,
+                actor=info.context.principal.actor,
                 amount=input.amount,
                 key=input.idempotency_key,
                 reason=input.reason,
                 metadata=input.metadata,
             )
-            return TokensConsumed(
-                entry=_entry(posting, info), wallet=Wallet.of(posting.wallet), replayed=posting.replayed
-            )
-
-        return await mutate(info, run)
+        except OrgWalletError as error:
+            return user_error(error)
+        return TokensConsumed(
+            entry=_entry(posting, info), wallet=Wallet.of(posting.wallet), replayed=posting.replayed
+        )
 
     @strawberry.mutation(permission_classes=[IsAuthenticated])
     async def reserve_tokens(self, info: Info, input: ReserveTokensInput) -> ReserveTokensResult:

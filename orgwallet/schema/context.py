@@ -15,17 +15,17 @@ from strawberry.types import Info as StrawberryInfo
 from orgwallet.auth.permissions import Permission
 from orgwallet.auth.principals import ApiKeyPrincipal, Principal
 from orgwallet.config import Settings
-from orgwallet.db.engine import driver_pool, transaction
+from orgwallet.db.engine import transaction
 from orgwallet.services import access
 
 if TYPE_CHECKING:
-    from orgwallet.app import Services
+    from orgwallet.runtime import Runtime
 
 
 @dataclass
 class Context:
     settings: Settings
-    services: Services
+    runtime: Runtime
     principal: Principal
     request_id: str
     auth_error: str | None = None
@@ -36,7 +36,7 @@ class Context:
 
     @property
     def sessions(self) -> async_sessionmaker[AsyncSession]:
-        return self.services.sessions
+        return self.runtime.sessions
 
     @asynccontextmanager
     async def reading(self) -> AsyncIterator[AsyncSession]:
@@ -46,7 +46,7 @@ class Context:
         its own snapshot anyway) and takes a connection only at its first statement."""
         async with self._read_lock:
             if self._read_session is None:
-                self._read_session = await self._held.enter_async_context(self.services.read_sessions())
+                self._read_session = await self._held.enter_async_context(self.runtime.read_sessions())
             yield self._read_session
 
     @asynccontextmanager
@@ -55,8 +55,7 @@ class Context:
         no transaction, each statement on its own snapshot. Serialized like ``reading``."""
         async with self._read_lock:
             if self._connection is None:
-                pool = driver_pool(self.services.engine)
-                self._connection = await self._held.enter_async_context(pool.acquire())
+                self._connection = await self._held.enter_async_context(self.runtime.driver.acquire())
             yield self._connection
 
     async def authorize(self, organization_id: uuid.UUID, permission: Permission) -> access.Access:

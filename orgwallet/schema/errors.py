@@ -71,7 +71,10 @@ def graphql_error(error: errors.OrgWalletError) -> CodedError:
         errors.Forbidden: "FORBIDDEN",
         errors.NotFound: "NOT_FOUND",
     }.get(type(error), "BAD_USER_INPUT")
-    return CodedError(error.message, code)
+    coded = CodedError(error.message, code)
+    if isinstance(error, errors.InvalidInput) and error.field and coded.extensions is not None:
+        coded.extensions["field"] = error.field  # which input was bad, as InvalidInput says it
+    return coded
 
 
 def user_error(error: errors.OrgWalletError) -> Any:

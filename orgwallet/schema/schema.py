@@ -16,19 +16,23 @@ from strawberry.schema.config import StrawberryConfig
 from strawberry.tools import merge_types
 
 from orgwallet.config import Settings
+from orgwallet.resolvers.notifications import NotificationMutations
 from orgwallet.resolvers.organizations import OrganizationMutations, OrganizationQueries
 from orgwallet.resolvers.purchases import PurchaseMutations, PurchaseQueries
 from orgwallet.resolvers.wallets import WalletMutations
 from orgwallet.schema.errors import CodedError
 from orgwallet.schema.execution import ExecutionContext
 from orgwallet.schema.extensions import DomainErrorCodes
+from orgwallet.schema.notifications import BalanceAlert, Notification
 from orgwallet.schema.purchases import Purchase, TokenPackage
 from orgwallet.schema.scalars import SCALAR_MAP
 from orgwallet.schema.types import ApiKey
 from orgwallet.schema.wallets import CreditGrant, LedgerEntry, Reservation, Wallet
 
 Query = merge_types("Query", (OrganizationQueries, PurchaseQueries))
-Mutation = merge_types("Mutation", (OrganizationMutations, WalletMutations, PurchaseMutations))
+Mutation = merge_types(
+    "Mutation", (OrganizationMutations, WalletMutations, PurchaseMutations, NotificationMutations)
+)
 
 
 def should_mask(error: GraphQLError) -> bool:
@@ -47,7 +51,17 @@ def build_schema(settings: Settings | None = None) -> strawberry.Schema:
     return strawberry.Schema(
         query=Query,
         mutation=Mutation,
-        types=[ApiKey, Wallet, CreditGrant, LedgerEntry, Reservation, TokenPackage, Purchase],
+        types=[
+            ApiKey,
+            Wallet,
+            CreditGrant,
+            LedgerEntry,
+            Reservation,
+            TokenPackage,
+            Purchase,
+            Notification,
+            BalanceAlert,
+        ],
         config=StrawberryConfig(scalar_map=SCALAR_MAP),
         execution_context_class=ExecutionContext,
         extensions=[

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import date, datetime
 from enum import Enum
 from typing import TYPE_CHECKING, Annotated, Any, Self
 
@@ -19,11 +19,13 @@ from orgwallet.db import models
 from orgwallet.errors import OrgWalletError
 from orgwallet.schema.context import Info
 from orgwallet.services import access
+from orgwallet.services import alerts as alert_service
 from orgwallet.services import api_keys as key_service
 from orgwallet.services import organizations as org_service
 from orgwallet.services import wallets as wallet_service
 
 if TYPE_CHECKING:
+    from orgwallet.schema.notifications import BalanceAlert, NotificationConnection
     from orgwallet.schema.purchases import PurchaseConnection, PurchaseStatus
     from orgwallet.schema.wallets import Wallet
 
@@ -128,6 +130,33 @@ class Organization(relay.Node):
         from orgwallet.schema.purchases import purchase_connection
 
         return await purchase_connection(info, self.pk, first=first, after=after, status=status)
+
+    @strawberry.field(description="Notifications of the organization, newest first.")
+    async def notifications(
+        self,
+        info: Info,
+        first: int | None = 50,
+        after: str | None = None,
+        unread_only: bool | None = False,
+        since: Annotated[
+            date | None, strawberry.argument(description="Created on or after this UTC day.")
+        ] = None,
+    ) -> Annotated[NotificationConnection, strawberry.lazy("orgwallet.schema.notifications")]:
+        from orgwallet.schema.notifications import notification_connection
+
+        return await notification_connection(
+            info, self.pk, first=first, after=after, unread_only=unread_only, since=since
+        )
+
+    @strawberry.field(description="Low-balance alerts, highest threshold first.")
+    async def balance_alerts(
+        self, info: Info
+    ) -> list[Annotated[BalanceAlert, strawberry.lazy("orgwallet.schema.notifications")]]:
+        from orgwallet.schema.notifications import BalanceAlert
+
+        async with info.context.reading() as session:
+            rows = await alert_service.list_alerts(session, info.context.principal, self.pk)
+        return [BalanceAlert.of(row) for row in rows]
 
     @strawberry.field(description="API keys of the organization (never their secrets).")
     async def api_keys(self, info: Info) -> list[ApiKey]:

@@ -10,13 +10,13 @@ import weakref
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col, select
 
 from orgwallet.auth import api_keys as secrets
 from orgwallet.auth.permissions import API_KEY_SCOPES, Permission
 from orgwallet.auth.principals import ApiKeyPrincipal, Principal
-from orgwallet.db.engine import driver_pool
+from orgwallet.db.engine import DriverPool
 from orgwallet.db.models import ApiKey, utcnow
 from orgwallet.errors import InvalidInput, NotFound, Unauthenticated
 from orgwallet.services import access, audit, validation
@@ -43,8 +43,8 @@ _KEY_SET_VERSION = "SELECT count(*), count(revoked_at) FROM api_keys"
 class PrincipalCache:
     """API key principals of one app (one process), checked against the key set's version."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
-        self._engine = engine
+    def __init__(self, driver: DriverPool) -> None:
+        self._driver = driver
         # secret hash -> (monotonic expiry, key set version when looked up, principal)
         self._principals: dict[str, tuple[float, object, ApiKeyPrincipal]] = {}
         self._version: object = None
@@ -97,7 +97,7 @@ class PrincipalCache:
             started = time.monotonic()
             # On the driver's pool: the requests that arrive meanwhile wait for this read, so
             # it is kept to one prepared statement (no session, no greenlet).
-            async with driver_pool(self._engine).acquire() as connection:
+            async with self._driver.acquire() as connection:
                 version = tuple(await connection.fetchrow(_KEY_SET_VERSION))
             if version != self._version:
                 self._principals.clear()

@@ -10,6 +10,12 @@ purchase what had been spent already (the shortfall).
 
 Stripe is called with idempotency keys derived from the purchase (``purchase-<id>-checkout``,
 ``purchase-<id>-charge``), so a retried request never pays twice.
+
+Stripe is never called inside a transaction (the gateway refuses): a call that hangs must hold
+no pool connection and no lock. A purchase is committed PENDING first, Stripe is called, and
+what it answered is written in another short transaction. An event's handler reads (or does)
+in Stripe what it needs before the event's transaction (``awaits_credit``,
+``make_default_in_stripe``) and is handed the result.
 """
 
 from __future__ import annotations
@@ -18,14 +24,15 @@ import base64
 import json
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
 import stripe
-from sqlalchemy import update
+from sqlalchemy import delete, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm.attributes import set_committed_value
@@ -45,11 +52,14 @@ from orgwallet.db.models import (
     PurchaseMethod,
     PurchaseStatus,
     StripeCustomer,
+    TokenPackage,
 )
 from orgwallet.errors import IdempotencyConflict, InvalidInput, NotFound, OrgWalletError
+from orgwallet.money import format_amount
 from orgwallet.payments.gateway import CheckoutLink, PaymentDeclined, StripeGateway
-from orgwallet.services import access, audit, pricing, validation, wallets
+from orgwallet.services import access, audit, notifications, pricing, validation, wallets
 from orgwallet.services.audit import request_id_var
+from orgwallet.services.notifications import NotificationKind
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +106,6 @@ class _Priced:
     tokens: int
     amount_minor: int
     currency: str
-    product_name: str
 
 
 # ---------------------------------------------------------------- starting a purchase
@@ -126,7 +135,6 @@ async def _price(
             tokens=priced.package.tokens,
             amount_minor=priced.price_minor,
             currency=priced.package.currency,
-            product_name=priced.package.name,
         )
     quote = await pricing.price_tokens(session, settings, organization_id, tokens)
     return _Priced(
@@ -134,7 +142,6 @@ async def _price(
         tokens=quote.tokens,
         amount_minor=quote.price_minor,
         currency=quote.currency,
-        product_name=f"{quote.tokens} tokens",
     )
 
 
@@ -213,16 +220,23 @@ def _purchase_snapshot(purchase: Purchase) -> dict[str, Any]:
 
 
 async def _customer(
-    session: AsyncSession, gateway: StripeGateway, organization_id: uuid.UUID, *, replace: str | None = None
+    sessions: async_sessionmaker[AsyncSession],
+    gateway: StripeGateway,
+    organization_id: uuid.UUID,
+    *,
+    replace: str | None = None,
 ) -> str:
-    """The organization's Stripe customer, created on first need. ``replace``: a customer id
-    Stripe no longer knows (deleted in the dashboard, or a restarted simulator): make a new one."""
-    row = await session.get(StripeCustomer, organization_id, populate_existing=True)
-    if row is not None and row.customer_id != replace:
-        return row.customer_id
-    organization = await session.get(Organization, organization_id)
-    if organization is None:
-        raise NotFound("organization not found")
+    """The organization's Stripe customer, created on first need: read in a short transaction,
+    created in Stripe outside any (under the organization's key, so concurrent first needs get
+    one customer), recorded in another. ``replace``: a customer id Stripe no longer knows
+    (deleted in the dashboard, or a restarted simulator): make a new one."""
+    async with transaction(sessions) as session:
+        row = await session.get(StripeCustomer, organization_id, populate_existing=True)
+        if row is not None and row.customer_id != replace:
+            return row.customer_id
+        organization = await session.get(Organization, organization_id)
+        if organization is None:
+            raise NotFound("organization not found")
     key = (
         f"org-{organization_id}-customer"
         if replace is None
@@ -234,27 +248,41 @@ async def _customer(
         metadata={"organization_id": str(organization_id), "slug": organization.slug},
         idempotency_key=key,
     )
-    now = datetime.now(UTC)
-    await session.execute(
-        insert(StripeCustomer)
-        .values(organization_id=organization_id, customer_id=customer.id)
-        .on_conflict_do_update(
-            index_elements=["organization_id"],
-            set_={"customer_id": customer.id, "default_payment_method": None, "updated_at": now},
-            where=col(StripeCustomer.customer_id) == replace if replace else None,
-        )
-    )
-    row = await session.get(StripeCustomer, organization_id, populate_existing=True)
-    assert row is not None
-    return row.customer_id
+    upsert = insert(StripeCustomer).values(organization_id=organization_id, customer_id=customer.id)
+    async with transaction(sessions) as session:
+        if replace is None:
+            # A concurrent first need may have recorded it meanwhile: the same customer (same key),
+            # and maybe already its card, which must stay.
+            await session.execute(upsert.on_conflict_do_nothing(index_elements=["organization_id"]))
+        else:
+            await session.execute(
+                upsert.on_conflict_do_update(
+                    index_elements=["organization_id"],
+                    set_={"customer_id": customer.id, "default_payment_method": None, "updated_at": _now()},
+                    where=col(StripeCustomer.customer_id) == replace,
+                )
+            )
+        row = await session.get(StripeCustomer, organization_id, populate_existing=True)
+        assert row is not None
+        return row.customer_id
 
 
 def _missing_customer(error: stripe.InvalidRequestError) -> bool:
     return error.code == "resource_missing" and error.param == "customer"
 
 
+async def _product_name(session: AsyncSession, purchase: Purchase) -> str:
+    """The Checkout line item: the package's name, or the number of tokens. Read from the
+    purchase, so a checkout finished by a replay sends Stripe the same parameters."""
+    if purchase.package_id is None:
+        return f"{purchase.tokens} tokens"
+    package = await session.get(TokenPackage, purchase.package_id)
+    assert package is not None  # a purchase's package can be archived, not deleted
+    return package.name
+
+
 async def start_checkout(
-    session: AsyncSession,
+    sessions: async_sessionmaker[AsyncSession],
     principal: Principal,
     gateway: StripeGateway,
     settings: Settings,
@@ -267,94 +295,123 @@ async def start_checkout(
     idempotency_key: str | None,
 ) -> CheckoutStarted:
     """A PENDING purchase and its Stripe Checkout Session (mode payment, the purchase id in
-    its metadata). With an idempotency key, the same request again returns the same purchase."""
-    await access.authorize(session, principal, organization_id, Permission.TOKENS_PURCHASE)
-    key = None if idempotency_key is None else validation.idempotency_key(idempotency_key)
-    success = _url(success_url, "successUrl")
-    cancel = _url(cancel_url, "cancelUrl")
-    method = PurchaseMethod.CHECKOUT
-    if key is not None and (existing := await _by_key(session, organization_id, key)) is not None:
-        return await _replayed_checkout(session, existing, key, package_id=package_id, tokens=tokens)
-    priced = await _price(session, settings, organization_id, package_id, tokens)
-    purchase = await _insert(session, principal, organization_id, priced, method, key)
-    if purchase is None:  # a concurrent request with the key committed it meanwhile
-        assert key is not None
-        existing = await _by_key(session, organization_id, key)
-        assert existing is not None
-        return await _replayed_checkout(session, existing, key, package_id=package_id, tokens=tokens)
+    its metadata). With an idempotency key, the same request again returns the same purchase.
 
-    customer_id = await _customer(session, gateway, organization_id)
+    Runs its own transactions, as ``purchase_with_saved_card`` does: the purchase is committed,
+    then the customer and the session are made in Stripe, then the session is recorded on the
+    purchase. The same key again finishes a purchase left without a session (a crash or a
+    Stripe failure in between) under the same Stripe idempotency key, so Stripe answers the
+    session it made, never a second one. Without a key, a purchase whose session could not be
+    made is deleted: no request can come back for it."""
+    method = PurchaseMethod.CHECKOUT
+    async with transaction(sessions) as session:
+        await access.authorize(session, principal, organization_id, Permission.TOKENS_PURCHASE)
+        key = None if idempotency_key is None else validation.idempotency_key(idempotency_key)
+        success = _url(success_url, "successUrl")
+        cancel = _url(cancel_url, "cancelUrl")
+        purchase = None if key is None else await _by_key(session, organization_id, key)
+        replayed = purchase is not None
+        if purchase is None:
+            priced = await _price(session, settings, organization_id, package_id, tokens)
+            purchase = await _insert(session, principal, organization_id, priced, method, key)
+            if purchase is None:  # a concurrent request with the key committed it meanwhile
+                assert key is not None
+                purchase = await _by_key(session, organization_id, key)
+                assert purchase is not None
+                replayed = True
+        if replayed:
+            assert key is not None
+            purchase = await _same_request(
+                session, purchase, method, key, package_id=package_id, tokens=tokens
+            )
+            if purchase.checkout_url is not None:
+                return CheckoutStarted(purchase, purchase.checkout_url, replayed=True)
+        product_name = await _product_name(session, purchase)
+
+    try:
+        link = await _payment_checkout(sessions, gateway, purchase, product_name, success, cancel)
+    except Exception:
+        if key is None:  # nobody can come back for it: the failed request leaves nothing behind
+            async with transaction(sessions) as session:
+                await session.execute(delete(Purchase).where(col(Purchase.id) == purchase.id))
+        raise
+
+    async with transaction(sessions) as session:
+        purchase = await _lock(session, purchase.id)
+        if purchase.checkout_url is not None:  # a concurrent replay recorded the same session
+            return CheckoutStarted(purchase, purchase.checkout_url, replayed=True)
+        purchase.checkout_session_id = link.session_id
+        purchase.checkout_url = link.url
+        purchase.updated_at = _now()
+        await session.flush()
+        await audit.record(
+            session,
+            principal,
+            action="purchase.start_checkout",
+            organization_id=organization_id,
+            target_type="purchase",
+            target_id=purchase.id,
+            after=_purchase_snapshot(purchase) | {"checkout_session_id": link.session_id},
+        )
+    return CheckoutStarted(purchase, link.url, replayed=replayed)
+
+
+async def _payment_checkout(
+    sessions: async_sessionmaker[AsyncSession],
+    gateway: StripeGateway,
+    purchase: Purchase,
+    product_name: str,
+    success_url: str,
+    cancel_url: str,
+) -> CheckoutLink:
+    """The purchase's Checkout Session, made in Stripe (no transaction open) under keys derived
+    from the purchase."""
+    organization_id = purchase.organization_id
+    customer_id = await _customer(sessions, gateway, organization_id)
     arguments: dict[str, Any] = {
         "purchase_id": str(purchase.id),
         "amount_minor": purchase.amount_minor,
         "currency": purchase.currency,
-        "product_name": priced.product_name,
-        "success_url": success,
-        "cancel_url": cancel,
+        "product_name": product_name,
+        "success_url": success_url,
+        "cancel_url": cancel_url,
         "metadata": {"organization_id": str(organization_id), "reference": purchase.reference},
     }
-    link: CheckoutLink
     try:
-        link = await gateway.create_payment_checkout(
+        return await gateway.create_payment_checkout(
             customer_id=customer_id, idempotency_key=f"purchase-{purchase.id}-checkout", **arguments
         )
     except stripe.InvalidRequestError as error:
         if not _missing_customer(error):
             raise
-        customer_id = await _customer(session, gateway, organization_id, replace=customer_id)
-        link = await gateway.create_payment_checkout(
+        customer_id = await _customer(sessions, gateway, organization_id, replace=customer_id)
+        return await gateway.create_payment_checkout(
             customer_id=customer_id, idempotency_key=f"purchase-{purchase.id}-checkout-2", **arguments
         )
-    purchase.checkout_session_id = link.session_id
-    purchase.checkout_url = link.url
-    session.add(purchase)
-    await session.flush()
-    await audit.record(
-        session,
-        principal,
-        action="purchase.start_checkout",
-        organization_id=organization_id,
-        target_type="purchase",
-        target_id=purchase.id,
-        after=_purchase_snapshot(purchase) | {"checkout_session_id": link.session_id},
-    )
-    return CheckoutStarted(purchase, link.url)
 
 
-async def _replayed_checkout(
-    session: AsyncSession,
-    existing: Purchase,
-    key: str,
-    *,
-    package_id: uuid.UUID | None,
-    tokens: object | None,
-) -> CheckoutStarted:
-    purchase = await _same_request(
-        session, existing, PurchaseMethod.CHECKOUT, key, package_id=package_id, tokens=tokens
-    )
-    assert purchase.checkout_url is not None
-    return CheckoutStarted(purchase, purchase.checkout_url, replayed=True)
-
-
-async def _default_payment_method(
-    session: AsyncSession, gateway: StripeGateway, organization_id: uuid.UUID
-) -> tuple[str, str]:
-    """The customer and the card to charge off-session; ``PaymentMethodRequired`` if none."""
+async def _saved_card(session: AsyncSession, organization_id: uuid.UUID) -> tuple[str, str | None]:
+    """The customer to charge off-session, and its card as recorded here (None when the setup's
+    webhook has not arrived yet); ``PaymentMethodRequired`` if the organization has no customer."""
     row = await session.get(StripeCustomer, organization_id, populate_existing=True)
     if row is None:
         raise PaymentMethodRequired(organization_id)
-    if row.default_payment_method:
-        return row.customer_id, row.default_payment_method
-    # The setup's webhook may not have arrived yet: Stripe's own word is the truth.
+    return row.customer_id, row.default_payment_method
+
+
+async def _stripe_default_card(gateway: StripeGateway, organization_id: uuid.UUID, customer_id: str) -> str:
+    """The customer's default card as Stripe has it, when none is recorded here: the setup's
+    webhook may not have arrived yet, and Stripe's own word is the truth. Asked with no
+    transaction open; ``PaymentMethodRequired`` if there is none."""
     try:
-        method = await gateway.default_payment_method_id(row.customer_id)
+        method = await gateway.default_payment_method_id(customer_id)
     except stripe.InvalidRequestError as error:
         if error.code == "resource_missing":
             raise PaymentMethodRequired(organization_id) from error
         raise
     if method is None:
         raise PaymentMethodRequired(organization_id)
-    return row.customer_id, method
+    return method
 
 
 async def purchase_with_saved_card(
@@ -371,11 +428,14 @@ async def purchase_with_saved_card(
 ) -> SavedCardOutcome:
     """Charges the organization's default card off-session.
 
-    Runs its own transactions: the PENDING purchase is committed BEFORE Stripe is called, so
-    the payment's webhook events (which may arrive before this call returns) always find it;
-    the outcome of the charge is written afterwards. Tokens come from the webhook. The same
-    key again returns the purchase, and charges a purchase left uncharged (a crash between
-    the two) with the same Stripe idempotency key, so it is never charged twice."""
+    Runs its own transactions: the request is checked and priced, and the card looked up, in a
+    first one (Stripe is asked for the card after it, if none is recorded); the PENDING purchase
+    is committed BEFORE Stripe is charged, so the payment's webhook events (which may arrive
+    before this call returns) always find it; the outcome of the charge is written afterwards.
+    Without a card, nothing is written. Tokens come from the webhook. The same key again
+    returns the purchase, and charges a purchase left uncharged (a crash between the two) with
+    the same Stripe idempotency key, so it is never charged twice."""
+    priced: _Priced | None = None
     async with transaction(sessions) as session:
         await access.authorize(session, principal, organization_id, Permission.TOKENS_PURCHASE)
         key = validation.idempotency_key(idempotency_key)
@@ -386,10 +446,13 @@ async def purchase_with_saved_card(
             )
             if purchase.status != PurchaseStatus.PENDING or purchase.payment_intent_id is not None:
                 return SavedCardOutcome(purchase)
-            customer_id, payment_method = await _default_payment_method(session, gateway, organization_id)
         else:
             priced = await _price(session, settings, organization_id, package_id, tokens)
-            customer_id, payment_method = await _default_payment_method(session, gateway, organization_id)
+        customer_id, payment_method = await _saved_card(session, organization_id)
+    if not payment_method:
+        payment_method = await _stripe_default_card(gateway, organization_id, customer_id)
+    if priced is not None:
+        async with transaction(sessions) as session:
             purchase = await _insert(session, principal, organization_id, priced, method, key)
             if purchase is None:  # a concurrent request with the key committed it meanwhile
                 existing = await _by_key(session, organization_id, key)
@@ -408,6 +471,7 @@ async def purchase_with_saved_card(
                 target_id=purchase.id,
                 after=_purchase_snapshot(purchase) | {"payment_method": payment_method},
             )
+    assert purchase is not None
     try:
         intent = await gateway.charge_saved_payment_method(
             customer_id=customer_id,
@@ -426,7 +490,8 @@ async def purchase_with_saved_card(
         async with transaction(sessions) as session:
             failed = await _lock(session, purchase.id)
             link_payment_intent(failed, declined.payment_intent_id)
-            _fail(failed, decline_reason(declined.message, declined.decline_code or declined.stripe_code))
+            if _fail(failed, decline_reason(declined.message, declined.decline_code or declined.stripe_code)):
+                await _tell_failed(session, failed)
             await session.flush()
         return SavedCardOutcome(failed, declined)
     async with transaction(sessions) as session:
@@ -437,7 +502,7 @@ async def purchase_with_saved_card(
 
 
 async def setup_payment_method(
-    session: AsyncSession,
+    sessions: async_sessionmaker[AsyncSession],
     principal: Principal,
     gateway: StripeGateway,
     organization_id: uuid.UUID,
@@ -446,11 +511,13 @@ async def setup_payment_method(
     cancel_url: str,
 ) -> CheckoutLink:
     """A Checkout Session in setup mode: the card saved there becomes the organization's
-    default payment method when its webhook arrives."""
-    await access.authorize(session, principal, organization_id, Permission.TOKENS_PURCHASE)
+    default payment method when its webhook arrives. Stripe is called between two short
+    transactions: the authorization, and the audit row."""
+    async with transaction(sessions) as session:
+        await access.authorize(session, principal, organization_id, Permission.TOKENS_PURCHASE)
     success = _url(success_url, "successUrl")
     cancel = _url(cancel_url, "cancelUrl")
-    customer_id = await _customer(session, gateway, organization_id)
+    customer_id = await _customer(sessions, gateway, organization_id)
     metadata = {"organization_id": str(organization_id)}
     attempt = uuid.uuid4()
     try:
@@ -464,7 +531,7 @@ async def setup_payment_method(
     except stripe.InvalidRequestError as error:
         if not _missing_customer(error):
             raise
-        customer_id = await _customer(session, gateway, organization_id, replace=customer_id)
+        customer_id = await _customer(sessions, gateway, organization_id, replace=customer_id)
         link = await gateway.create_setup_checkout(
             customer_id=customer_id,
             success_url=success,
@@ -472,15 +539,16 @@ async def setup_payment_method(
             idempotency_key=f"org-{organization_id}-setup-{attempt}-2",
             metadata=metadata,
         )
-    await audit.record(
-        session,
-        principal,
-        action="payment_method.setup_started",
-        organization_id=organization_id,
-        target_type="stripe_customer",
-        target_id=customer_id,
-        after={"checkout_session_id": link.session_id},
-    )
+    async with transaction(sessions) as session:
+        await audit.record(
+            session,
+            principal,
+            action="payment_method.setup_started",
+            organization_id=organization_id,
+            target_type="stripe_customer",
+            target_id=customer_id,
+            after={"checkout_session_id": link.session_id},
+        )
     return link
 
 
@@ -595,9 +663,11 @@ async def find_purchase(
     checkout_session_id: str | None = None,
     payment_intent_id: str | None = None,
     charge_id: str | None = None,
+    lock: bool = True,
 ) -> Purchase | None:
     """The purchase a Stripe object belongs to, locked (``FOR UPDATE``) for the rest of the
-    transaction: by the Stripe ids recorded on it, else by the ``purchase_id`` in metadata."""
+    transaction unless ``lock=False``: by the Stripe ids recorded on it, else by the
+    ``purchase_id`` in metadata."""
     lookups = [
         (col(Purchase.checkout_session_id), checkout_session_id),
         (col(Purchase.payment_intent_id), payment_intent_id),
@@ -607,17 +677,44 @@ async def find_purchase(
     for column, value in lookups:
         if value is None:
             continue
-        row = (
-            await session.execute(
-                select(Purchase)
-                .where(column == value)
-                .with_for_update()
-                .execution_options(populate_existing=True)
-            )
-        ).scalar_one_or_none()
+        statement = select(Purchase).where(column == value).execution_options(populate_existing=True)
+        row = (await session.execute(statement.with_for_update() if lock else statement)).scalar_one_or_none()
         if row is not None:
             return row
     return None
+
+
+@asynccontextmanager
+async def _autocommit(sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
+    """A session whose statements each run on their own (autocommit): reads made before a call
+    to Stripe, which then holds no transaction and no lock."""
+    async with sessions() as session:
+        await session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+        yield session
+
+
+async def awaits_credit(
+    sessions: async_sessionmaker[AsyncSession],
+    *,
+    purchase_id: object = None,
+    checkout_session_id: str | None = None,
+    payment_intent_id: str | None = None,
+    charge_id: str | None = None,
+) -> bool:
+    """Whether the purchase a Stripe object belongs to (found as ``find_purchase`` finds it)
+    exists and is not credited yet. Read before an event's transaction, so that Stripe is
+    asked for the payment's charge only when the event may credit it (of the two events of a
+    payment, the second asks nothing)."""
+    async with _autocommit(sessions) as session:
+        purchase = await find_purchase(
+            session,
+            purchase_id=purchase_id,
+            checkout_session_id=checkout_session_id,
+            payment_intent_id=payment_intent_id,
+            charge_id=charge_id,
+            lock=False,
+        )
+    return purchase is not None and purchase.lot_id is None
 
 
 def link_payment_intent(purchase: Purchase, payment_intent_id: str | None) -> None:
@@ -730,10 +827,12 @@ _WALLET_OF = "SELECT id FROM wallets WHERE organization_id = $1"
 
 
 async def credit_purchase(
-    session: AsyncSession, gateway: StripeGateway, purchase: Purchase, payment: Payment
+    session: AsyncSession, purchase: Purchase, payment: Payment, latest_charge: stripe.Charge | None = None
 ) -> str:
     """Credits a paid purchase once (``purchase`` locked by ``find_purchase``). A payment whose
-    amount or currency is not the purchase's is recorded as an alert and credits nothing."""
+    amount or currency is not the purchase's is recorded as an alert and credits nothing.
+    ``latest_charge``: the payment's charge, read from Stripe before the transaction when the
+    event carries no receipt; its id and receipt are recorded on the purchase."""
     if purchase.lot_id is not None:
         link_payment_intent(purchase, payment.payment_intent_id)
         await session.flush()
@@ -741,10 +840,8 @@ async def credit_purchase(
     if payment.amount_minor != purchase.amount_minor or payment.currency.upper() != purchase.currency:
         return await _alert_mismatch(session, purchase, payment)
     charge_id, receipt_url = payment.charge_id, payment.receipt_url
-    if receipt_url is None and payment.payment_intent_id:
-        charge = await gateway.latest_charge(payment.payment_intent_id)
-        if charge is not None:
-            charge_id, receipt_url = charge_id or charge.id, charge.receipt_url
+    if receipt_url is None and latest_charge is not None:
+        charge_id, receipt_url = charge_id or latest_charge.id, latest_charge.receipt_url
     # Plain statements on the driver: the transaction has begun (the purchase is locked in it).
     driver = await driver_connection(session)
     wallet_id = await driver.fetchval(_WALLET_OF, purchase.organization_id)
@@ -798,6 +895,15 @@ async def credit_purchase(
     )
     for name, value in (paid | {"lot_id": lot_id}).items():
         set_committed_value(purchase, name, value)
+    await notifications.notify(
+        session,
+        purchase.organization_id,
+        NotificationKind.PURCHASE_PAID,
+        key=f"purchase-paid:{purchase.id}",
+        title=f"{purchase.tokens:,} tokens added",
+        body=f"Purchase {purchase.reference} is paid: {purchase.tokens:,} tokens were added to the wallet.",
+        data=_notice_data(purchase),
+    )
     return "credited"
 
 
@@ -808,7 +914,30 @@ async def fail_purchase(session: AsyncSession, purchase: Purchase, reason: str) 
         return "ignored"
     await session.flush()
     _stripe_audit(session, purchase, "purchase.failed", before=before, after=_purchase_snapshot(purchase))
+    await _tell_failed(session, purchase)
     return "failed"
+
+
+def _notice_data(purchase: Purchase) -> dict[str, Any]:
+    return {
+        "purchaseId": str(purchase.id),
+        "reference": purchase.reference,
+        "tokens": purchase.tokens,
+        "amountMinor": purchase.amount_minor,
+        "currency": purchase.currency,
+    }
+
+
+async def _tell_failed(session: AsyncSession, purchase: Purchase) -> None:
+    await notifications.notify(
+        session,
+        purchase.organization_id,
+        NotificationKind.PURCHASE_FAILED,
+        key=f"purchase-failed:{purchase.id}",
+        title="A payment did not go through",
+        body=f"The payment of purchase {purchase.reference} failed: {purchase.failure_reason}",
+        data=_notice_data(purchase) | {"reason": purchase.failure_reason},
+    )
 
 
 async def note_declined_attempt(session: AsyncSession, purchase: Purchase, reason: str) -> str:
@@ -854,17 +983,18 @@ async def _claw_back(
 
 
 async def apply_refund(
-    session: AsyncSession, gateway: StripeGateway, purchase: Purchase, charge: dict[str, Any], event_id: str
+    session: AsyncSession, purchase: Purchase, charge: dict[str, Any], event_id: str
 ) -> str:
     """``charge.refunded``: takes back the refunded share of the tokens (refunded amount /
     amount * tokens, rounded down; all of them for a full refund) as far as they are left in
     the lot; the rest is recorded as the shortfall. ``amount_refunded`` is cumulative, so a
     late or repeated event takes nothing more."""
     if purchase.lot_id is None:
-        # The refund arrived before the payment's own event: the charge shows it was paid.
+        # The refund arrived before the payment's own event: the charge shows it was paid (and
+        # carries its receipt).
         if not (charge.get("paid") and charge.get("status") == "succeeded"):
             return "ignored"
-        outcome = await credit_purchase(session, gateway, purchase, _charge_payment(charge, event_id))
+        outcome = await credit_purchase(session, purchase, _charge_payment(charge, event_id))
         if outcome == "mismatch":
             return outcome
     refunded = min(int(charge.get("amount_refunded") or 0), purchase.amount_minor)
@@ -896,14 +1026,38 @@ async def apply_refund(
         after=_purchase_snapshot(purchase)
         | {"refunded_minor": refunded, "clawed_back": taken, "shortfall": short, "stripe_event": event_id},
     )
+    await notifications.notify(
+        session,
+        purchase.organization_id,
+        NotificationKind.PURCHASE_REFUNDED,
+        key=f"purchase-refunded:{purchase.id}:{refunded}",
+        title=f"Purchase {purchase.reference} refunded",
+        body=(
+            f"{format_amount(refunded, purchase.currency)} of purchase {purchase.reference} was refunded; "
+            f"{taken:,} tokens were taken back from the wallet"
+            + (f" ({short:,} had been spent already)." if short else ".")
+        ),
+        data=_notice_data(purchase)
+        | {"refundedMinor": refunded, "tokensTakenBack": taken, "shortfall": short},
+    )
     return "refunded"
 
 
+class StripeNotRead(RuntimeError):
+    """An event's transaction needs from Stripe what was not read before it (the purchase became
+    findable, uncredited, in between): the event fails, and is handled again when retried."""
+
+
 async def apply_dispute(
-    session: AsyncSession, gateway: StripeGateway, purchase: Purchase, dispute: dict[str, Any], event_id: str
+    session: AsyncSession,
+    purchase: Purchase,
+    dispute: dict[str, Any],
+    event_id: str,
+    charge: stripe.Charge | None,
 ) -> str:
     """``charge.dispute.created`` (or a closed dispute seen first): takes back everything left
-    of the purchase's tokens; what was spent is the shortfall."""
+    of the purchase's tokens; what was spent is the shortfall. ``charge``: the disputed charge,
+    read from Stripe before the transaction when the purchase was not credited yet."""
     dispute_id = str(dispute.get("id"))
     status = str(dispute.get("status") or "")
     if purchase.dispute_id == dispute_id and purchase.dispute_status in CLOSED_DISPUTE_STATES:
@@ -912,10 +1066,12 @@ async def apply_dispute(
         charge_id = dispute.get("charge")
         if not isinstance(charge_id, str):
             return "ignored"
-        charge = (await gateway.retrieve_charge(charge_id)).to_dict()
-        if not (charge.get("paid") and charge.get("status") == "succeeded"):
+        if charge is None:
+            raise StripeNotRead(f"charge {charge_id} of the dispute of purchase {purchase.id}")
+        paid = charge.to_dict()
+        if not (paid.get("paid") and paid.get("status") == "succeeded"):
             return "ignored"
-        outcome = await credit_purchase(session, gateway, purchase, _charge_payment(charge, event_id))
+        outcome = await credit_purchase(session, purchase, _charge_payment(paid, event_id))
         if outcome == "mismatch":
             return outcome
     before = _purchase_snapshot(purchase)
@@ -943,18 +1099,36 @@ async def apply_dispute(
         after=_purchase_snapshot(purchase)
         | {"dispute": dispute_id, "clawed_back": taken, "shortfall": short, "stripe_event": event_id},
     )
+    await notifications.notify(
+        session,
+        purchase.organization_id,
+        NotificationKind.PURCHASE_REFUNDED,
+        key=f"purchase-disputed:{purchase.id}:{dispute_id}",
+        title=f"Purchase {purchase.reference} disputed",
+        body=(
+            f"The payment of purchase {purchase.reference} is disputed with the bank; "
+            f"{taken:,} tokens were taken back from the wallet"
+            + (f" ({short:,} had been spent already)." if short else ".")
+        ),
+        data=_notice_data(purchase) | {"dispute": dispute_id, "tokensTakenBack": taken, "shortfall": short},
+    )
     return "disputed"
 
 
 async def close_dispute(
-    session: AsyncSession, gateway: StripeGateway, purchase: Purchase, dispute: dict[str, Any], event_id: str
+    session: AsyncSession,
+    purchase: Purchase,
+    dispute: dict[str, Any],
+    event_id: str,
+    charge: stripe.Charge | None,
 ) -> str:
     """``charge.dispute.closed``: records the outcome (won or lost). The tokens taken back when
-    the dispute opened stay taken back; a lost dispute seen before its opening is applied."""
+    the dispute opened stay taken back; a lost dispute seen before its opening is applied
+    (``charge`` as for ``apply_dispute``)."""
     dispute_id = str(dispute.get("id"))
     status = str(dispute.get("status") or "")
     if purchase.dispute_id != dispute_id and status != "won":
-        await apply_dispute(session, gateway, purchase, dispute, event_id)
+        await apply_dispute(session, purchase, dispute, event_id, charge)
     before = {"dispute_id": purchase.dispute_id, "dispute_status": purchase.dispute_status}
     purchase.dispute_id = dispute_id
     purchase.dispute_status = status
@@ -983,11 +1157,32 @@ def _charge_payment(charge: dict[str, Any], event_id: str) -> Payment:
     )
 
 
+async def make_default_in_stripe(
+    sessions: async_sessionmaker[AsyncSession],
+    gateway: StripeGateway,
+    *,
+    customer_id: str,
+    payment_method_id: str,
+) -> None:
+    """The Stripe half of ``save_default_payment_method``, before the event's transaction: the
+    card becomes the customer's default in Stripe (for off-session charges) when the customer
+    is one of ours and another card, or none, is recorded here. Stripe's update is idempotent,
+    so concurrent events of one setup may both make it."""
+    async with _autocommit(sessions) as session:
+        row = (
+            await session.execute(
+                select(StripeCustomer).where(col(StripeCustomer.customer_id) == customer_id)
+            )
+        ).scalar_one_or_none()
+    if row is not None and row.default_payment_method != payment_method_id:
+        await gateway.set_default_payment_method(customer_id, payment_method_id)
+
+
 async def save_default_payment_method(
-    session: AsyncSession, gateway: StripeGateway, *, customer_id: str, payment_method_id: str, event_id: str
+    session: AsyncSession, *, customer_id: str, payment_method_id: str, event_id: str
 ) -> str:
-    """A card saved through a setup Checkout becomes the customer's default (in Stripe, for
-    off-session charges, and here)."""
+    """A card saved through a setup Checkout becomes the customer's default here, once Stripe
+    has it as the default (``make_default_in_stripe``, before the transaction)."""
     row = (
         await session.execute(
             select(StripeCustomer)
@@ -1000,7 +1195,6 @@ async def save_default_payment_method(
         return "unknown_customer"
     if row.default_payment_method == payment_method_id:
         return "already_saved"
-    await gateway.set_default_payment_method(customer_id, payment_method_id)
     before = row.default_payment_method
     await session.execute(
         update(StripeCustomer)

@@ -10,8 +10,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col, select
+from uuid6 import uuid7
 
 from orgwallet import ledger
 from orgwallet.auth.permissions import Permission
@@ -21,7 +22,8 @@ from orgwallet.db.engine import transaction
 from orgwallet.db.models import CreditLot, LedgerEntry, Reservation, Wallet, WalletStatus
 from orgwallet.errors import InvalidInput, NotFound
 from orgwallet.ledger import EntryKind, GrantSource, batching
-from orgwallet.services import access, audit, validation
+from orgwallet.services import access, audit, notifications, validation
+from orgwallet.services.notifications import NotificationKind
 
 MAX_TTL_SECONDS = 7 * 24 * 3600
 MAX_PAGE = 500
@@ -75,29 +77,39 @@ async def consume_tokens(
     reason: str | None = None,
     metadata: Any = None,
 ) -> ledger.Posting:
-    """Spends tokens. When the session has not begun a transaction (an API key's call: its
-    authorization reads nothing), the consumption goes through the group commit
-    (``ledger.batching``) and commits on its own, batched with the concurrent consumptions of
-    the same wallet; otherwise it joins the session's transaction."""
+    """Spends tokens inside the caller's unit of work (``session``'s transaction)."""
     await access.authorize(session, principal, organization_id, Permission.TOKENS_CONSUME)
-    tokens = validation.token_amount(amount)
-    key = validation.idempotency_key(key)
-    if not session.in_transaction() and isinstance(session.bind, AsyncEngine):
-        return await batching.for_engine(session.bind).consume_for_organization(
-            organization_id,
-            amount=tokens,
-            key=key,
-            actor=principal.actor,
-            reason=_reason(reason),
-            metadata=_metadata(metadata),
-        )
     wallet_id = await wallet_id_of(session, organization_id)
     return await ledger.consume(
         session,
         wallet_id,
-        amount=tokens,
-        key=key,
+        amount=validation.token_amount(amount),
+        key=validation.idempotency_key(key),
         actor=principal.actor,
+        reason=_reason(reason),
+        metadata=_metadata(metadata),
+    )
+
+
+async def consume_tokens_batched(
+    batcher: batching.ConsumptionBatcher,
+    granted: access.Access,
+    *,
+    actor: str,
+    amount: object,
+    key: str,
+    reason: str | None = None,
+    metadata: Any = None,
+) -> ledger.Posting:
+    """Spends tokens in a transaction of their own, through the group commit: batched with the
+    concurrent consumptions of the same wallet (``ledger.batching``). ``granted``: the caller's
+    access to the organization, already read (an API key's is known without the database)."""
+    access.check(granted, Permission.TOKENS_CONSUME)
+    return await batcher.consume_for_organization(
+        granted.organization_id,
+        amount=validation.token_amount(amount),
+        key=validation.idempotency_key(key),
+        actor=actor,
         reason=_reason(reason),
         metadata=_metadata(metadata),
     )
@@ -257,6 +269,20 @@ async def set_wallet_status(
     before = await session.scalar(select(col(Wallet.status)).where(col(Wallet.id) == wallet_id))
     state = await ledger.set_status(session, wallet_id, status.value)
     if before != status.value:
+        suspended = status == WalletStatus.SUSPENDED
+        await notifications.notify(
+            session,
+            organization_id,
+            NotificationKind.WALLET_SUSPENDED if suspended else NotificationKind.WALLET_REACTIVATED,
+            key=f"wallet-status:{uuid7()}",  # each change of status is a cause of its own
+            title="Wallet suspended" if suspended else "Wallet reactivated",
+            body=(
+                f"The wallet was suspended: consumptions are refused. Reason: {text_reason}"
+                if suspended
+                else f"The wallet is active again. Reason: {text_reason}"
+            ),
+            data={"status": status.value, "reason": text_reason},
+        )
         await audit.record(
             session,
             principal,
@@ -268,6 +294,22 @@ async def set_wallet_status(
             after={"status": status.value, "reason": text_reason},
         )
     return state
+
+
+async def sweep_expired(sessions: async_sessionmaker[AsyncSession], now: datetime | None = None) -> int:
+    """Settles every wallet with a reservation or a lot past its expiry at ``now`` (the
+    database's time when None): how many wallets were settled. One short transaction per
+    wallet, so each wallet lock is held only for its own sweep."""
+    settled = 0
+    while True:
+        async with sessions() as session:
+            due = await ledger.due_wallets(session, now=now)
+        if not due:
+            return settled
+        for wallet_id in due:
+            async with transaction(sessions) as session:
+                await ledger.settle(session, wallet_id, now=now)
+            settled += 1
 
 
 # ---------------------------------------------------------------- reads

@@ -3,7 +3,10 @@ finds what it is about, and calls the purchases service; it returns a short outc
 stored on the event (``credited``, ``unknown_purchase``, ``mismatch``, ...).
 
 Handlers run inside the transaction that stored the event, so the event and its effect are
-committed together; an exception rolls both back and the route answers 5xx.
+committed together; an exception rolls both back and the route answers 5xx. They never call
+Stripe: what an event needs from Stripe is read (or done) by its prefetch (``PREFETCH``), run
+before that transaction, with no transaction open, and handed over in ``EventContext.fetched``.
+A prefetch asks only for what its handler will use.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncSession
+import stripe
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from orgwallet.db.models import Purchase, PurchaseMethod
 from orgwallet.payments.gateway import StripeGateway
@@ -27,14 +31,31 @@ UNKNOWN_PURCHASE = "unknown_purchase"
 
 
 @dataclass(frozen=True, slots=True)
+class Fetched:
+    """What an event's prefetch read from Stripe for its handler."""
+
+    charge: stripe.Charge | None = None  # the payment's (latest) or the disputed charge
+    saved_card: str | None = None  # the card a setup saved, made the customer's default in Stripe
+
+
+@dataclass(frozen=True, slots=True)
+class PrefetchContext:
+    """Stripe, and the database for plain reads: no transaction is open."""
+
+    sessions: async_sessionmaker[AsyncSession]
+    gateway: StripeGateway
+
+
+@dataclass(frozen=True, slots=True)
 class EventContext:
     session: AsyncSession
-    gateway: StripeGateway
     event_id: str
     event_type: str
+    fetched: Fetched
 
 
 Handler = Callable[[EventContext, JsonObject], Awaitable[str]]
+Prefetch = Callable[[PrefetchContext, JsonObject], Awaitable[Fetched]]
 
 
 def _str(value: object) -> str | None:
@@ -58,12 +79,51 @@ def _unknown(ctx: EventContext, obj: JsonObject) -> str:
     return UNKNOWN_PURCHASE
 
 
+def _session_ids(checkout: JsonObject) -> JsonObject:
+    """How a Checkout Session leads to its purchase (``find_purchase``'s keywords)."""
+    return {
+        "checkout_session_id": _str(checkout.get("id")),
+        "purchase_id": _metadata(checkout).get("purchase_id") or checkout.get("client_reference_id"),
+    }
+
+
+def _intent_ids(intent: JsonObject) -> JsonObject:
+    return {"payment_intent_id": _str(intent.get("id")), "purchase_id": _metadata(intent).get("purchase_id")}
+
+
+def _dispute_ids(dispute: JsonObject) -> JsonObject:
+    return {
+        "payment_intent_id": _id_of(dispute.get("payment_intent")),
+        "charge_id": _id_of(dispute.get("charge")),
+    }
+
+
+def _session_paid(checkout: JsonObject) -> bool:
+    return checkout.get("status") == "complete" and checkout.get("payment_status") == "paid"
+
+
+def _intent_receipt(intent: JsonObject) -> str | None:
+    """The receipt of an intent's latest charge, when the event carries the charge expanded."""
+    charge = intent.get("latest_charge")
+    return _str(charge.get("receipt_url")) if isinstance(charge, dict) else None
+
+
+async def _payment_charge(ctx: PrefetchContext, intent_id: str | None, ids: JsonObject) -> Fetched:
+    """The payment's latest charge (its id and receipt, which the event does not carry), when
+    the event's purchase is still to be credited."""
+    if intent_id is None or not await purchases.awaits_credit(ctx.sessions, **ids):
+        return Fetched()
+    return Fetched(charge=await ctx.gateway.latest_charge(intent_id))
+
+
 async def _session_purchase(ctx: EventContext, checkout: JsonObject) -> Purchase | None:
-    return await purchases.find_purchase(
-        ctx.session,
-        checkout_session_id=_str(checkout.get("id")),
-        purchase_id=_metadata(checkout).get("purchase_id") or checkout.get("client_reference_id"),
-    )
+    return await purchases.find_purchase(ctx.session, **_session_ids(checkout))
+
+
+async def _prefetch_session_payment(ctx: PrefetchContext, checkout: JsonObject) -> Fetched:
+    if not _session_paid(checkout):
+        return Fetched()
+    return await _payment_charge(ctx, _id_of(checkout.get("payment_intent")), _session_ids(checkout))
 
 
 async def _credit_session(ctx: EventContext, checkout: JsonObject) -> str:
@@ -71,7 +131,7 @@ async def _credit_session(ctx: EventContext, checkout: JsonObject) -> str:
     if purchase is None:
         return _unknown(ctx, checkout)
     intent_id = _id_of(checkout.get("payment_intent"))
-    if checkout.get("status") != "complete" or checkout.get("payment_status") != "paid":
+    if not _session_paid(checkout):
         purchases.link_payment_intent(purchase, intent_id)
         await ctx.session.flush()
         return "awaiting_payment"
@@ -83,26 +143,41 @@ async def _credit_session(ctx: EventContext, checkout: JsonObject) -> str:
         currency=str(checkout.get("currency") or ""),
         payment_intent_id=intent_id,
     )
-    return await purchases.credit_purchase(ctx.session, ctx.gateway, purchase, payment)
+    return await purchases.credit_purchase(ctx.session, purchase, payment, ctx.fetched.charge)
+
+
+async def prefetch_checkout_session_completed(ctx: PrefetchContext, checkout: JsonObject) -> Fetched:
+    """Payment mode: the payment's charge. Setup mode: the card the session's SetupIntent saved,
+    made the customer's default in Stripe."""
+    if checkout.get("mode") == "payment":
+        return await _prefetch_session_payment(ctx, checkout)
+    if checkout.get("mode") != "setup":
+        return Fetched()
+    setup_intent_id = _id_of(checkout.get("setup_intent"))
+    customer_id = _id_of(checkout.get("customer"))
+    if setup_intent_id is None or customer_id is None:
+        return Fetched()
+    setup_intent = await ctx.gateway.retrieve_setup_intent(setup_intent_id)
+    method_id = _id_of(setup_intent.payment_method)
+    if setup_intent.status != "succeeded" or method_id is None:
+        return Fetched()
+    await purchases.make_default_in_stripe(
+        ctx.sessions, ctx.gateway, customer_id=customer_id, payment_method_id=method_id
+    )
+    return Fetched(saved_card=method_id)
 
 
 async def checkout_session_completed(ctx: EventContext, checkout: JsonObject) -> str:
     """Payment mode: paid -> credit; unpaid (a bank debit) -> wait for the async outcome.
     Setup mode: the saved card becomes the default payment method."""
     if checkout.get("mode") == "setup":
-        setup_intent_id = _id_of(checkout.get("setup_intent"))
         customer_id = _id_of(checkout.get("customer"))
-        if setup_intent_id is None or customer_id is None:
-            return "ignored"
-        setup_intent = await ctx.gateway.retrieve_setup_intent(setup_intent_id)
-        method_id = _id_of(setup_intent.payment_method)
-        if setup_intent.status != "succeeded" or method_id is None:
+        if customer_id is None or ctx.fetched.saved_card is None:
             return "ignored"
         return await purchases.save_default_payment_method(
             ctx.session,
-            ctx.gateway,
             customer_id=customer_id,
-            payment_method_id=method_id,
+            payment_method_id=ctx.fetched.saved_card,
             event_id=ctx.event_id,
         )
     if checkout.get("mode") != "payment":
@@ -134,11 +209,13 @@ async def checkout_session_expired(ctx: EventContext, checkout: JsonObject) -> s
 
 
 async def _intent_purchase(ctx: EventContext, intent: JsonObject) -> Purchase | None:
-    return await purchases.find_purchase(
-        ctx.session,
-        payment_intent_id=_str(intent.get("id")),
-        purchase_id=_metadata(intent).get("purchase_id"),
-    )
+    return await purchases.find_purchase(ctx.session, **_intent_ids(intent))
+
+
+async def prefetch_payment_intent_succeeded(ctx: PrefetchContext, intent: JsonObject) -> Fetched:
+    if intent.get("status") != "succeeded" or _intent_receipt(intent) is not None:
+        return Fetched()
+    return await _payment_charge(ctx, _str(intent.get("id")), _intent_ids(intent))
 
 
 async def payment_intent_succeeded(ctx: EventContext, intent: JsonObject) -> str:
@@ -155,11 +232,9 @@ async def payment_intent_succeeded(ctx: EventContext, intent: JsonObject) -> str
         currency=str(intent.get("currency") or ""),
         payment_intent_id=_str(intent.get("id")),
         charge_id=_id_of(intent.get("latest_charge")),
-        receipt_url=_str((intent.get("latest_charge") or {}).get("receipt_url"))
-        if isinstance(intent.get("latest_charge"), dict)
-        else None,
+        receipt_url=_intent_receipt(intent),
     )
-    return await purchases.credit_purchase(ctx.session, ctx.gateway, purchase, payment)
+    return await purchases.credit_purchase(ctx.session, purchase, payment, ctx.fetched.charge)
 
 
 async def payment_intent_payment_failed(ctx: EventContext, intent: JsonObject) -> str:
@@ -193,29 +268,51 @@ async def charge_refunded(ctx: EventContext, charge: JsonObject) -> str:
     purchase = await _charge_purchase(ctx, charge)
     if purchase is None:
         return _unknown(ctx, charge)
-    return await purchases.apply_refund(ctx.session, ctx.gateway, purchase, charge, ctx.event_id)
+    return await purchases.apply_refund(ctx.session, purchase, charge, ctx.event_id)
 
 
 async def _dispute_purchase(ctx: EventContext, dispute: JsonObject) -> Purchase | None:
-    return await purchases.find_purchase(
-        ctx.session,
-        payment_intent_id=_id_of(dispute.get("payment_intent")),
-        charge_id=_id_of(dispute.get("charge")),
-    )
+    return await purchases.find_purchase(ctx.session, **_dispute_ids(dispute))
+
+
+async def prefetch_charge_dispute_created(ctx: PrefetchContext, dispute: JsonObject) -> Fetched:
+    """The disputed charge, when the purchase was never credited: it shows whether it was paid."""
+    charge_id = _id_of(dispute.get("charge"))
+    if charge_id is None or not await purchases.awaits_credit(ctx.sessions, **_dispute_ids(dispute)):
+        return Fetched()
+    return Fetched(charge=await ctx.gateway.retrieve_charge(charge_id))
 
 
 async def charge_dispute_created(ctx: EventContext, dispute: JsonObject) -> str:
     purchase = await _dispute_purchase(ctx, dispute)
     if purchase is None:
         return _unknown(ctx, dispute)
-    return await purchases.apply_dispute(ctx.session, ctx.gateway, purchase, dispute, ctx.event_id)
+    return await purchases.apply_dispute(ctx.session, purchase, dispute, ctx.event_id, ctx.fetched.charge)
+
+
+async def prefetch_charge_dispute_closed(ctx: PrefetchContext, dispute: JsonObject) -> Fetched:
+    """A won dispute takes nothing back; a lost one seen first is applied as if just opened."""
+    if dispute.get("status") == "won":
+        return Fetched()
+    return await prefetch_charge_dispute_created(ctx, dispute)
 
 
 async def charge_dispute_closed(ctx: EventContext, dispute: JsonObject) -> str:
     purchase = await _dispute_purchase(ctx, dispute)
     if purchase is None:
         return _unknown(ctx, dispute)
-    return await purchases.close_dispute(ctx.session, ctx.gateway, purchase, dispute, ctx.event_id)
+    return await purchases.close_dispute(ctx.session, purchase, dispute, ctx.event_id, ctx.fetched.charge)
+
+
+async def prefetch_setup_intent_succeeded(ctx: PrefetchContext, setup_intent: JsonObject) -> Fetched:
+    """The saved card made the customer's default in Stripe (the event says which card)."""
+    customer_id = _id_of(setup_intent.get("customer"))
+    method_id = _id_of(setup_intent.get("payment_method"))
+    if customer_id is not None and method_id is not None:
+        await purchases.make_default_in_stripe(
+            ctx.sessions, ctx.gateway, customer_id=customer_id, payment_method_id=method_id
+        )
+    return Fetched()
 
 
 async def setup_intent_succeeded(ctx: EventContext, setup_intent: JsonObject) -> str:
@@ -224,7 +321,7 @@ async def setup_intent_succeeded(ctx: EventContext, setup_intent: JsonObject) ->
     if customer_id is None or method_id is None:
         return "ignored"
     return await purchases.save_default_payment_method(
-        ctx.session, ctx.gateway, customer_id=customer_id, payment_method_id=method_id, event_id=ctx.event_id
+        ctx.session, customer_id=customer_id, payment_method_id=method_id, event_id=ctx.event_id
     )
 
 
@@ -239,4 +336,14 @@ HANDLERS: dict[str, Handler] = {
     "charge.dispute.created": charge_dispute_created,
     "charge.dispute.closed": charge_dispute_closed,
     "setup_intent.succeeded": setup_intent_succeeded,
+}
+
+#: What a type's handler needs from Stripe, asked before the event's transaction.
+PREFETCH: dict[str, Prefetch] = {
+    "checkout.session.completed": prefetch_checkout_session_completed,
+    "checkout.session.async_payment_succeeded": _prefetch_session_payment,
+    "payment_intent.succeeded": prefetch_payment_intent_succeeded,
+    "charge.dispute.created": prefetch_charge_dispute_created,
+    "charge.dispute.closed": prefetch_charge_dispute_closed,
+    "setup_intent.succeeded": prefetch_setup_intent_succeeded,
 }

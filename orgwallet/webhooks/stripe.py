@@ -3,7 +3,9 @@
 1. The signature is verified first (``Stripe-Signature`` against the webhook secret, 300 s
    tolerance). A delivery that fails (no or bad signature, stale timestamp, another secret,
    a body that is not an event) gets 400 and nothing is stored.
-2. In ONE transaction: the event is claimed under its id (insert on conflict, stamped
+2. What the handler needs from Stripe is asked first, with no transaction open (its prefetch,
+   ``handlers.PREFETCH``): a Stripe that hangs holds no connection and no lock.
+3. In ONE transaction: the event is claimed under its id (insert on conflict, stamped
    ``handled_at``), handled, and its outcome written. A crash leaves both the event and its
    effect, or neither.
    The claim is ``INSERT ... ON CONFLICT (event_id) DO UPDATE ... WHERE handled_at IS NULL``:
@@ -15,10 +17,10 @@
    driver's pool, without opening a transaction (a third of a burst can be such copies). A
    copy of an event still being handled is not "handled" yet: it goes on to the claim, waits
    for the lock, and then sees it handled.
-3. Types without a handler are stored as handled (``ignored``) and answered 200.
-4. A handler that fails rolls everything back, and the failure (error, attempt count) is
-   written to the event's row in a separate transaction, left unhandled; the route answers
-   500 so that Stripe retries.
+4. Types without a handler are stored as handled (``ignored``) and answered 200.
+5. A prefetch or a handler that fails leaves no effect here (the transaction rolls back), and
+   the failure (error, attempt count) is written to the event's row in a separate
+   transaction, left unhandled; the route answers 500 so that Stripe retries.
 """
 
 from __future__ import annotations
@@ -27,14 +29,14 @@ import logging
 from typing import Any
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from orgwallet.db.engine import driver_connection, driver_pool, transaction
+from orgwallet.db.engine import DriverPool, driver_connection, transaction
 from orgwallet.payments.gateway import InvalidStripeWebhook, StripeGateway
-from orgwallet.webhooks.handlers import HANDLERS, EventContext
+from orgwallet.webhooks.handlers import HANDLERS, PREFETCH, EventContext, Fetched, PrefetchContext
 
 log = logging.getLogger(__name__)
 
@@ -77,23 +79,30 @@ def _row(event: dict[str, Any], payload: str) -> dict[str, Any]:
     }
 
 
+def _object(event: dict[str, Any]) -> dict[str, Any] | None:
+    data = event.get("data")
+    obj = data.get("object") if isinstance(data, dict) else None
+    return obj if isinstance(obj, dict) else None
+
+
 async def handle_event(
     sessions: async_sessionmaker[AsyncSession], gateway: StripeGateway, event: dict[str, Any], payload: str
 ) -> tuple[int, str]:
     """Stores and handles one verified event: (HTTP status, outcome)."""
     try:
+        obj = _object(event)
+        prefetch = PREFETCH.get(event["type"])
+        fetched = Fetched()
+        if prefetch is not None and obj is not None:
+            fetched = await prefetch(PrefetchContext(sessions, gateway), obj)
         async with transaction(sessions) as session:
             claimed = (await session.execute(_CLAIM, _row(event, payload))).first()
             if claimed is None:
                 return 200, "duplicate"
             handler = HANDLERS.get(event["type"])
             outcome = "ignored"
-            if handler is not None:
-                data = event.get("data")
-                obj = data.get("object") if isinstance(data, dict) else None
-                if isinstance(obj, dict):
-                    context = EventContext(session, gateway, event["id"], event["type"])
-                    outcome = await handler(context, obj)
+            if handler is not None and obj is not None:
+                outcome = await handler(EventContext(session, event["id"], event["type"], fetched), obj)
             await (await driver_connection(session)).execute(_HANDLED, event["id"], outcome)
         return 200, outcome
     except Exception as error:
@@ -108,7 +117,7 @@ async def handle_event(
 
 
 def stripe_webhook_route(
-    engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession], gateway: StripeGateway
+    driver: DriverPool, sessions: async_sessionmaker[AsyncSession], gateway: StripeGateway
 ) -> Route:
     """The route, plain Starlette: it needs none of FastAPI's parameter machinery."""
 
@@ -121,7 +130,7 @@ def stripe_webhook_route(
             message = error.message if isinstance(error, InvalidStripeWebhook) else "the body is not JSON"
             log.info("rejected a Stripe webhook delivery: %s", message)
             return JSONResponse({"error": message}, status_code=400)
-        async with driver_pool(engine).acquire() as connection:
+        async with driver.acquire() as connection:
             handled = await connection.fetchval(_ALREADY_HANDLED, event["id"])
         if handled:
             return JSONResponse({"received": True, "outcome": "duplicate"})

@@ -11,7 +11,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from orgwallet import ledger
-from orgwallet.db.engine import create_engine, dispose, session_factory
+from orgwallet.db.engine import create_engine, session_factory
 from tests.helpers import GraphQLClient, create_org
 
 CONSUME = """
@@ -86,7 +86,7 @@ async def violations(database_url: str) -> dict[uuid.UUID, list[str]]:
         async with sessions() as s:
             return await ledger.violations(s)
     finally:
-        await dispose(engine)
+        await engine.dispose()
 
 
 class TestConcurrentConsumption:
@@ -183,5 +183,5 @@ class TestConcurrentConsumption:
             async with session_factory(engine)() as s:
                 entries = await s.scalar(text("SELECT count(*) FROM ledger_entries"))
         finally:
-            await dispose(engine)
+            await engine.dispose()
         assert entries and entries > 100

@@ -150,7 +150,7 @@ class TestBadCredentials:
 
 async def _last_used(app: FastAPI, api_key_id: str) -> Any:
     key_uuid = uuid.UUID(GlobalID.from_id(api_key_id).node_id)
-    async with app.state.services.engine.connect() as connection:
+    async with app.state.runtime.engine.connect() as connection:
         return (
             await connection.execute(
                 text("SELECT last_used_at FROM api_keys WHERE id = :id"), {"id": key_uuid}
@@ -221,7 +221,7 @@ class TestApiKey:
         }
         assert data["a"] == {"id": org, "slug": "acme"}
         assert data["b"] is None
-        principal = await app.state.services.authenticate(f"Bearer {secret}")
+        principal = await app.state.runtime.authenticate(f"Bearer {secret}")
         assert principal == ApiKeyPrincipal(
             api_key_id=uuid.UUID(key_uuid),
             organization_id=uuid.UUID(GlobalID.from_id(org).node_id),

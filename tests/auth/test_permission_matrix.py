@@ -31,7 +31,7 @@ from orgwallet.app import create_app
 from orgwallet.auth.permissions import API_KEY_SCOPES, ROLE_PERMISSIONS, Permission
 from orgwallet.auth.principals import UserPrincipal
 from orgwallet.config import Settings
-from orgwallet.db.engine import dispose, transaction
+from orgwallet.db.engine import transaction
 from orgwallet.db.models import Role
 from orgwallet.ledger import GrantSource
 from orgwallet.services import api_keys as key_service
@@ -129,7 +129,7 @@ async def build_world(app: FastAPI, client: GraphQLClient) -> World:
     subjects = {p: f"{p}-{n}" for p in (*ROLE_MEMBERS, OUTSIDER)}
     subjects |= {STAFF: STAFF_SUBJECT, STAFF_BY_CLAIM: STAFF_BY_CLAIM_SUBJECT}
     co_owner, target, newcomer = f"co-owner-{n}", f"target-{n}", f"newcomer-{n}"
-    services = app.state.services
+    services = app.state.runtime
     owner = _user(subjects[OWNER])
     bearers: dict[str, str | None] = {}
     async with transaction(services.sessions) as session:
@@ -202,7 +202,7 @@ async def matrix_app(postgres: Postgres, tmp_path_factory: pytest.TempPathFactor
     )
     application = create_app(settings)
     yield application
-    await dispose(application.state.services.engine)
+    await application.state.runtime.close()
     postgres.sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE);")
 
 
@@ -210,7 +210,7 @@ async def matrix_app(postgres: Postgres, tmp_path_factory: pytest.TempPathFactor
 async def matrix_client(matrix_app: FastAPI) -> AsyncIterator[GraphQLClient]:
     transport = httpx.ASGITransport(app=matrix_app)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
-        yield GraphQLClient(http, matrix_app.state.services.settings)
+        yield GraphQLClient(http, matrix_app.state.runtime.settings)
 
 
 @pytest.fixture(scope="module")
@@ -542,7 +542,7 @@ SEEDED_PACKAGES: dict[str, str] = {}
 
 @pytest.fixture(scope="module", autouse=True)
 async def seeded_packages(matrix_app: FastAPI) -> None:
-    async with matrix_app.state.services.engine.connect() as connection:
+    async with matrix_app.state.runtime.engine.connect() as connection:
         rows = await connection.execute(text("SELECT code, id FROM token_packages"))
         SEEDED_PACKAGES.update({code: str(GlobalID("TokenPackage", str(pk))) for code, pk in rows})
 

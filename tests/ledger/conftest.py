@@ -10,14 +10,14 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from orgwallet import ledger
-from orgwallet.db.engine import create_engine, dispose, session_factory, transaction
+from orgwallet.db.engine import create_engine, session_factory, transaction
 
 
 @pytest.fixture
 async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
     eng = create_engine(database_url, pool_size=5)
     yield eng
-    await dispose(eng)
+    await eng.dispose()
 
 
 @pytest.fixture

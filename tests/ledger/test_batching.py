@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -14,10 +15,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from orgwallet import ledger
 from orgwallet.auth.permissions import Permission
 from orgwallet.auth.principals import ApiKeyPrincipal
-from orgwallet.db.engine import transaction
-from orgwallet.errors import IdempotencyConflict, InsufficientTokens, NotFound
+from orgwallet.db.engine import DriverPool, transaction
+from orgwallet.errors import Forbidden, IdempotencyConflict, InsufficientTokens, NotFound
 from orgwallet.ledger import GrantSource
 from orgwallet.ledger.batching import ConsumptionBatcher
+from orgwallet.services import access
 from orgwallet.services import wallets as wallet_service
 from tests.helpers import GraphQLClient, create_api_key, create_org, error_code
 
@@ -49,8 +51,10 @@ async def state(sessions: Sessions, wallet: uuid.UUID) -> dict[str, Any]:
 
 
 @pytest.fixture
-def batcher(engine: AsyncEngine) -> ConsumptionBatcher:
-    return ConsumptionBatcher(engine)
+async def batcher(engine: AsyncEngine) -> AsyncIterator[ConsumptionBatcher]:
+    driver = DriverPool(engine.url.render_as_string(hide_password=False), 10)
+    yield ConsumptionBatcher(driver)
+    await driver.close()
 
 
 def outcome(result: ledger.Posting | BaseException) -> tuple[Any, ...]:
@@ -239,23 +243,34 @@ class TestService:
             )
             return org
 
-    async def test_an_untouched_session_commits_the_consumption_on_its_own(
+    async def test_the_batched_path_commits_on_its_own(
+        self, sessions: Sessions, wallet: uuid.UUID, batcher: ConsumptionBatcher
+    ) -> None:
+        await credit(sessions, wallet, 10)
+        org = await self.org_of(sessions, wallet)
+        granted = access.key_access(self.key_of(org), org)
+        posting = await wallet_service.consume_tokens_batched(
+            batcher, granted, actor="key", amount=4, key="svc"
+        )
+        assert posting.wallet.balance == 6
+        assert (await state(sessions, wallet))["balance"] == 6
+
+    async def test_the_batched_path_checks_the_permission(
+        self, sessions: Sessions, wallet: uuid.UUID, batcher: ConsumptionBatcher
+    ) -> None:
+        await credit(sessions, wallet, 10)
+        org = await self.org_of(sessions, wallet)
+        viewer = access.Access(org, None, frozenset({Permission.TOKENS_VIEW}))
+        with pytest.raises(Forbidden):
+            await wallet_service.consume_tokens_batched(batcher, viewer, actor="key", amount=4, key="svc")
+        assert (await state(sessions, wallet))["balance"] == 10
+
+    async def test_the_unit_of_work_path_joins_the_transaction(
         self, sessions: Sessions, wallet: uuid.UUID
     ) -> None:
         await credit(sessions, wallet, 10)
         org = await self.org_of(sessions, wallet)
         async with sessions() as s:
-            posting = await wallet_service.consume_tokens(s, self.key_of(org), org, amount=4, key="svc")
-            assert not s.in_transaction()  # nothing went through the session
-            await s.rollback()
-        assert posting.wallet.balance == 6
-        assert (await state(sessions, wallet))["balance"] == 6
-
-    async def test_a_begun_transaction_is_joined(self, sessions: Sessions, wallet: uuid.UUID) -> None:
-        await credit(sessions, wallet, 10)
-        org = await self.org_of(sessions, wallet)
-        async with sessions() as s:
-            await s.execute(text("SELECT 1"))
             posting = await wallet_service.consume_tokens(s, self.key_of(org), org, amount=4, key="svc")
             assert posting.wallet.balance == 6
             await s.rollback()

@@ -28,7 +28,7 @@ from hypothesis.stateful import (
 from sqlalchemy import text
 
 from orgwallet import ledger
-from orgwallet.db.engine import create_engine, dispose, session_factory, transaction
+from orgwallet.db.engine import create_engine, session_factory, transaction
 from orgwallet.errors import InsufficientTokens, InvalidInput, NotRefundable, ReservationNotOpen
 from orgwallet.ledger import GrantSource
 from tests.ledger.conftest import new_wallet
@@ -393,5 +393,5 @@ def test_ledger_matches_model(database_url: str) -> None:
             ),
         )
     finally:
-        run(loop, dispose(engine))
+        run(loop, engine.dispose())
         loop.close()

@@ -54,7 +54,7 @@ class TestCreateApiKey:
             "query($id: ID!) { organization(id: $id) { apiKeys { secret } } }", {"id": org}, as_="olivia"
         )
         assert asked["data"] is None and "secret" in asked["errors"][0]["message"]
-        async with app.state.services.engine.connect() as connection:
+        async with app.state.runtime.engine.connect() as connection:
             stored = (await connection.execute(text("SELECT * FROM api_keys"))).mappings().one()
             audit = (await connection.execute(text("SELECT before, after FROM audit_log"))).all()
         assert stored["id"] == node_uuid(key_id)

@@ -10,7 +10,6 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import text
 
-from orgwallet.db.engine import driver_pool
 from tests.helpers import GraphQLClient, create_api_key, create_org
 
 CONSUME = """
@@ -67,7 +66,7 @@ async def test_an_api_key_reads_its_organization_as_a_member_does(
 async def test_every_request_gives_its_connection_back(
     client: GraphQLClient, app: FastAPI, org: str, key: str
 ) -> None:
-    size = app.state.services.settings.database_pool_size
+    size = app.state.runtime.settings.database_pool_size
     other = await create_org(client, "bob", name="Other")
     grant = """mutation($org: ID!) {
                  grantTokens(input: {organizationId: $org, amount: 1000, reason: "load"}) { __typename } }"""
@@ -85,11 +84,11 @@ async def test_every_request_gives_its_connection_back(
     assert sum(b["data"]["consumeTokens"]["__typename"] == "TokensConsumed" for b in bodies[::5]) == size * 3
     assert all(b["errors"][0]["extensions"]["code"] == "BAD_USER_INPUT" for b in bodies[2::5])
     assert all(b["data"]["consumeTokens"]["__typename"] == "NotFound" for b in bodies[4::5])
-    pool = await driver_pool(app.state.services.engine)._get()
+    pool = await app.state.runtime.driver._get()
     assert pool.get_size() <= size
     assert pool.get_idle_size() == pool.get_size()
     wallet = (await client.data(HISTORY, {"org": org}, bearer=key))["organization"]["wallet"]
-    assert wallet["balance"] == app.state.services.settings.trial_tokens + 1000 - size * 3
+    assert wallet["balance"] == app.state.runtime.settings.trial_tokens + 1000 - size * 3
 
 
 async def test_a_key_reading_its_balance_sees_expired_tokens_gone(
@@ -98,8 +97,8 @@ async def test_a_key_reading_its_balance_sees_expired_tokens_gone(
     """The organization and its wallet are read in one statement for a key; a lot past due is
     still settled before the balance is shown."""
     before = await client.data(ORG, {"org": org}, bearer=key)
-    assert before["organization"]["wallet"]["balance"] == app.state.services.settings.trial_tokens
-    async with app.state.services.engine.begin() as connection:
+    assert before["organization"]["wallet"]["balance"] == app.state.runtime.settings.trial_tokens
+    async with app.state.runtime.engine.begin() as connection:
         await connection.execute(
             text("UPDATE credit_lots SET expires_at = now() - interval '1 second' WHERE remaining > 0")
         )
@@ -109,4 +108,4 @@ async def test_a_key_reading_its_balance_sees_expired_tokens_gone(
                    kind amount } } } } } }"""
     page = await client.data(expired, {"org": org}, bearer=key)
     newest = page["organization"]["wallet"]["ledger"]["edges"][0]["node"]
-    assert newest == {"kind": "EXPIRATION", "amount": -app.state.services.settings.trial_tokens}
+    assert newest == {"kind": "EXPIRATION", "amount": -app.state.runtime.settings.trial_tokens}

@@ -27,7 +27,7 @@ mutation($org: ID!, $amount: BigInt!, $key: String!, $ttl: Int) {
 
 
 async def row_counts(app: FastAPI) -> tuple[int, ...]:
-    async with app.state.services.sessions() as s:
+    async with app.state.runtime.sessions() as s:
         row = (
             await s.execute(
                 text(

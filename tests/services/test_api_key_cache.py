@@ -36,7 +36,7 @@ def lookups(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 async def revoke_in_sql(app: FastAPI, key_id: str) -> None:
     """As another process would: straight in the table."""
-    async with app.state.services.engine.begin() as connection:
+    async with app.state.runtime.engine.begin() as connection:
         await connection.execute(
             text("UPDATE api_keys SET revoked_at = now() WHERE id = :id"),
             {"id": uuid.UUID(GlobalID.from_id(key_id).node_id)},
@@ -78,7 +78,7 @@ async def test_a_revocation_by_another_process_counts_within_the_check_interval(
 async def test_a_lookup_that_raced_a_revocation_is_not_kept(client: GraphQLClient, app: FastAPI) -> None:
     org = await create_org(client, "olga")
     key_id, secret = await create_api_key(client, org, scopes=["tokens.view"], as_="olga")
-    cache: key_service.PrincipalCache = app.state.services.principals
+    cache: key_service.PrincipalCache = app.state.runtime.principals
     principal = ApiKeyPrincipal(uuid.uuid4(), uuid.UUID(GlobalID.from_id(org).node_id), frozenset(Permission))
     await cache._recheck()  # the key set as it is now
     before = cache.version  # a lookup starts here, and reads the key before the revocation

@@ -33,7 +33,7 @@ def node_uuid(global_id: str) -> uuid.UUID:
 
 
 async def audit_rows(app: FastAPI) -> list[dict[str, Any]]:
-    async with app.state.services.engine.connect() as connection:
+    async with app.state.runtime.engine.connect() as connection:
         rows = await connection.execute(text("SELECT * FROM audit_log ORDER BY at, id"))
         return [dict(row) for row in rows.mappings()]
 
@@ -204,7 +204,7 @@ class TestAppendOnly:
         assert before
 
         with pytest.raises(DBAPIError, match="append-only"):
-            async with app.state.services.engine.begin() as connection:
+            async with app.state.runtime.engine.begin() as connection:
                 await connection.execute(text(statement))
 
         assert await audit_rows(app) == before

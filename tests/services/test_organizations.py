@@ -40,7 +40,7 @@ def node_uuid(global_id: str) -> uuid.UUID:
 async def wait_for_lock_waiters(app: FastAPI, count: int, *, within: float = 10.0) -> None:
     """Bounded polling until ``count`` backends of this database wait on a lock."""
     deadline = time.monotonic() + within
-    async with app.state.services.engine.connect() as connection:
+    async with app.state.runtime.engine.connect() as connection:
         while True:
             waiting = (
                 await connection.execute(
@@ -60,7 +60,7 @@ async def wait_for_lock_waiters(app: FastAPI, count: int, *, within: float = 10.
 @asynccontextmanager
 async def holding(app: FastAPI, statement: str, **params: Any) -> AsyncIterator[AsyncConnection]:
     """Runs ``statement`` in a transaction kept open (its locks held) for the block; commits after."""
-    async with app.state.services.engine.connect() as connection:
+    async with app.state.runtime.engine.connect() as connection:
         await connection.begin()
         await connection.execute(text(statement), params)
         try:

@@ -32,7 +32,7 @@ def signed(
     shop: Shop, event: dict[str, Any], *, secret: str | None = None, at: int | None = None
 ) -> dict[str, str]:
     payload = encode_event(event)
-    secret = secret or shop.app.state.services.settings.webhook_secret
+    secret = secret or shop.app.state.runtime.settings.webhook_secret
     return {"Stripe-Signature": stripe_signature(payload, secret, int(time.time()) if at is None else at)}
 
 
@@ -81,7 +81,7 @@ class TestVerification:
 
     @pytest.mark.parametrize("body", [b"not json", b"[1, 2]", b'{"object": "event"}', b"\xff\xfe"])
     async def test_signed_body_that_is_not_an_event(self, shop: Shop, body: bytes) -> None:
-        secret = shop.app.state.services.settings.webhook_secret
+        secret = shop.app.state.runtime.settings.webhook_secret
         headers = {"Stripe-Signature": stripe_signature(body, secret, int(time.time()))}
         response = await post(shop, body, headers)
         assert response.status_code == 400

@@ -5,12 +5,7 @@ from __future__ import annotations
 from html import escape
 from typing import Any
 
-# fmt: off
-ZERO_DECIMAL_CURRENCIES = frozenset({
-    "bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga",
-    "pyg", "rwf", "ugx", "vnd", "vuv", "xaf", "xof", "xpf",
-})
-# fmt: on
+from orgwallet.money import format_amount
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; background: #f6f9fc; color: #1a1f36; margin: 0; }
@@ -28,15 +23,6 @@ button { width: 100%; padding: 12px; font-size: 16px; border: 0; border-radius: 
 .error { background: #fde2e1; color: #8a1c1c; padding: 10px; border-radius: 4px; margin-bottom: 16px; }
 .hint { color: #697386; font-size: 12px; }
 """
-
-
-def format_amount(amount_minor: int, currency: str) -> str:
-    code = currency.lower()
-    if code in ZERO_DECIMAL_CURRENCIES:
-        return f"{amount_minor:,} {code.upper()}"
-    symbol = {"usd": "$", "eur": "€", "gbp": "£"}.get(code)
-    major = f"{amount_minor // 100:,}.{amount_minor % 100:02d}"
-    return f"{symbol}{major}" if symbol else f"{major} {code.upper()}"
 
 
 def _page(title: str, body: str) -> str:
