@@ -139,7 +139,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     graphql = GraphQLEndpoint(runtime, graphql_ide="graphiql" if settings.graphiql else None)
     # An ASGI app as a route's endpoint: Starlette calls it as it is (typed for functions only).
     app.add_route("/graphql", graphql, methods=["GET", "POST"])  # type: ignore[arg-type]
-    app.router.routes.append(stripe_webhook_route(runtime.driver, runtime.sessions, runtime.gateway))
+    app.router.routes.append(
+        stripe_webhook_route(runtime.driver, runtime.sessions, runtime.gateway, lambda: runtime.clock.now())
+    )
     if not settings.smtp_url:
         app.router.routes.append(outbox_route(runtime.driver))
 

@@ -84,6 +84,12 @@ class Settings(BaseSettings):
     expiring_reminder_days: int = 7
     max_balance_alerts: int = 20
 
+    # Automatic top-ups: at most this many per wallet in 24 hours, whatever happens.
+    auto_top_up_max_per_day: int = 5
+    # Where the single-page app lives: a payment page opened for the customer (a card asking
+    # for authentication) returns there. Unset: the server's own address.
+    app_url: str | None = None
+
     @cached_property
     def signing_secret(self) -> str:
         """The HS256 secret: configured, or generated once and kept under ``home``."""

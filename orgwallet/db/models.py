@@ -251,6 +251,7 @@ class Purchase(SQLModel, table=True):
     idempotency_key: str | None = None
     checkout_session_id: str | None = None
     checkout_url: str | None = None
+    action_url: str | None = None  # where the customer completes a payment that needs them
     payment_intent_id: str | None = None
     charge_id: str | None = None
     receipt_url: str | None = None

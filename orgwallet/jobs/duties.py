@@ -21,7 +21,7 @@ from sqlalchemy import text
 
 from orgwallet.db.engine import transaction
 from orgwallet.jobs import enqueue
-from orgwallet.services import mail, notifications, wallets
+from orgwallet.services import autotopup, mail, notifications, wallets
 from orgwallet.services.notifications import NotificationKind
 from orgwallet.webhooks.stripe import handle_event
 
@@ -68,7 +68,9 @@ async def retry_stripe_events(runtime: Runtime, now: datetime) -> str:
     handled = 0
     for row in rows:
         event = row["payload"]
-        status, _ = await handle_event(runtime.sessions, runtime.gateway, event, json.dumps(event))
+        status, _ = await handle_event(
+            runtime.sessions, runtime.gateway, event, json.dumps(event), runtime.clock.now()
+        )
         handled += status < 300
     return f"handled {handled} of {len(rows)}"
 
@@ -131,6 +133,7 @@ DUTIES: dict[str, Duty] = {
         Duty("stripe.retry", timedelta(minutes=5), retry_stripe_events),
         Duty("tokens.expiring", timedelta(days=1), remind_expiring_tokens),
         Duty("mail.retry", timedelta(minutes=1), retry_emails),
+        Duty("auto_top_up.due", timedelta(minutes=1), autotopup.due),
     )
 }
 

@@ -1,4 +1,5 @@
-"""The listeners of the wallet-change signal (the ``wallet.signal`` job).
+"""The listeners of the wallet-change signal (the ``wallet.signal`` job): balance alerts and
+automatic top-ups.
 
 The ledger's trigger enqueues the job when a change leaves the wallet's watch band (and clears
 the band, so a burst of changes makes one job). Here, with the wallet locked, every listener
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from orgwallet import ledger
 from orgwallet.db.engine import transaction
-from orgwallet.services import alerts
+from orgwallet.services import alerts, autotopup
 
 if TYPE_CHECKING:
     from orgwallet.runtime import Runtime
@@ -26,13 +27,10 @@ async def on_wallet_signal(runtime: Runtime, payload: dict[str, Any]) -> str:
         if locked is None:
             return "no_wallet"
         wallet, seq = locked
+        now = runtime.clock.now()
         band = await alerts.evaluate(
-            session,
-            wallet,
-            seq,
-            low_water=payload.get("balance"),
-            signal_seq=payload.get("seq"),
-            now=runtime.clock.now(),
+            session, wallet, seq, low_water=payload.get("balance"), signal_seq=payload.get("seq"), now=now
         )
+        band = band.join(await autotopup.evaluate(session, wallet, seq, now))
         await ledger.watch(session, wallet_id, below=band.below, at_or_above=band.at_or_above)
     return "evaluated"

@@ -25,7 +25,7 @@ from pgqueuer.executors import DatabaseRetryEntrypointExecutor, EntrypointExecut
 from pgqueuer.models import Job, Schedule
 
 from orgwallet.jobs import duties, signal
-from orgwallet.services import mail
+from orgwallet.services import autotopup, mail
 
 if TYPE_CHECKING:
     from orgwallet.runtime import Runtime
@@ -55,12 +55,19 @@ async def _tick(runtime: Runtime, payload: dict[str, Any]) -> list[str]:
     return await duties.tick(runtime)
 
 
+async def _start_top_up(runtime: Runtime, payload: dict[str, Any]) -> str:
+    return await autotopup.start_top_up(
+        runtime, uuid.UUID(payload["organization_id"]), payload["trigger"], payload["key"]
+    )
+
+
 #: Every job this worker runs, by entrypoint.
 HANDLERS: dict[str, JobHandler] = {
     "wallet.signal": signal.on_wallet_signal,
     "mail.send": _send_email,
     "duty.run": _run_duty,
     "duties.tick": _tick,
+    "top_up.start": _start_top_up,
 }
 
 

@@ -71,7 +71,7 @@ def graphql_error(error: errors.OrgWalletError) -> CodedError:
         errors.Forbidden: "FORBIDDEN",
         errors.NotFound: "NOT_FOUND",
     }.get(type(error), "BAD_USER_INPUT")
-    coded = CodedError(error.message, code)
+    coded = CodedError(error.message, code if error.code != "PAYMENT_METHOD_REQUIRED" else error.code)
     if isinstance(error, errors.InvalidInput) and error.field and coded.extensions is not None:
         coded.extensions["field"] = error.field  # which input was bad, as InvalidInput says it
     return coded

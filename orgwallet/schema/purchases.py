@@ -161,6 +161,9 @@ class Purchase(relay.Node):
     status: PurchaseStatus
     method: PurchaseMethod
     receipt_url: str | None
+    action_url: str | None = strawberry.field(
+        description="Where the card holder completes a payment that needs them (an automatic top-up)."
+    )
     failure_reason: str | None
     refunded_minor: int
     tokens_clawed_back: BigInt = strawberry.field(description="Tokens taken back by refunds and disputes.")
@@ -183,6 +186,7 @@ class Purchase(relay.Node):
             status=PurchaseStatus(row.status),
             method=PurchaseMethod(row.method),
             receipt_url=row.receipt_url,
+            action_url=row.action_url,
             failure_reason=row.failure_reason,
             refunded_minor=row.refunded_minor,
             tokens_clawed_back=BigInt(row.tokens_clawed_back),

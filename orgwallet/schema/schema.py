@@ -16,6 +16,7 @@ from strawberry.schema.config import StrawberryConfig
 from strawberry.tools import merge_types
 
 from orgwallet.config import Settings
+from orgwallet.resolvers.autotopup import AutoTopUpMutations
 from orgwallet.resolvers.notifications import NotificationMutations
 from orgwallet.resolvers.organizations import OrganizationMutations, OrganizationQueries
 from orgwallet.resolvers.purchases import PurchaseMutations, PurchaseQueries
@@ -31,7 +32,8 @@ from orgwallet.schema.wallets import CreditGrant, LedgerEntry, Reservation, Wall
 
 Query = merge_types("Query", (OrganizationQueries, PurchaseQueries))
 Mutation = merge_types(
-    "Mutation", (OrganizationMutations, WalletMutations, PurchaseMutations, NotificationMutations)
+    "Mutation",
+    (OrganizationMutations, WalletMutations, PurchaseMutations, NotificationMutations, AutoTopUpMutations),
 )
 
 

@@ -21,10 +21,12 @@ from orgwallet.schema.context import Info
 from orgwallet.services import access
 from orgwallet.services import alerts as alert_service
 from orgwallet.services import api_keys as key_service
+from orgwallet.services import autotopup as topup_service
 from orgwallet.services import organizations as org_service
 from orgwallet.services import wallets as wallet_service
 
 if TYPE_CHECKING:
+    from orgwallet.schema.autotopup import AutoTopUpPolicy
     from orgwallet.schema.notifications import BalanceAlert, NotificationConnection
     from orgwallet.schema.purchases import PurchaseConnection, PurchaseStatus
     from orgwallet.schema.wallets import Wallet
@@ -147,6 +149,18 @@ class Organization(relay.Node):
         return await notification_connection(
             info, self.pk, first=first, after=after, unread_only=unread_only, since=since
         )
+
+    @strawberry.field(description="The automatic top-up policy; null when none was set.")
+    async def auto_top_up(
+        self, info: Info
+    ) -> Annotated[AutoTopUpPolicy, strawberry.lazy("orgwallet.schema.autotopup")] | None:
+        from orgwallet.schema.autotopup import AutoTopUpPolicy
+
+        async with info.context.reading() as session:
+            view = await topup_service.read_policy(
+                session, info.context.principal, self.pk, info.context.runtime.clock.now()
+            )
+        return None if view is None else AutoTopUpPolicy.of(view)
 
     @strawberry.field(description="Low-balance alerts, highest threshold first.")
     async def balance_alerts(

@@ -25,9 +25,33 @@ async def record(
     before: dict[str, Any] | None = None,
     after: dict[str, Any] | None = None,
 ) -> None:
+    await record_system(
+        session,
+        actor=principal.actor,
+        action=action,
+        organization_id=organization_id,
+        target_type=target_type,
+        target_id=target_id,
+        before=before,
+        after=after,
+    )
+
+
+async def record_system(
+    session: AsyncSession,
+    *,
+    actor: str,
+    action: str,
+    organization_id: uuid.UUID | None,
+    target_type: str,
+    target_id: object | None,
+    before: dict[str, Any] | None = None,
+    after: dict[str, Any] | None = None,
+) -> None:
+    """A row for a change no principal asked for (a job, the system): ``actor`` names it."""
     session.add(
         AuditEntry(
-            actor=principal.actor,
+            actor=actor,
             action=action,
             organization_id=organization_id,
             target_type=target_type,

@@ -41,6 +41,11 @@ class NotificationKind(enum.StrEnum):
     PURCHASE_REFUNDED = "purchase_refunded"
     WALLET_SUSPENDED = "wallet_suspended"
     WALLET_REACTIVATED = "wallet_reactivated"
+    AUTO_TOP_UP_SUCCEEDED = "auto_top_up_succeeded"
+    AUTO_TOP_UP_FAILED = "auto_top_up_failed"
+    AUTO_TOP_UP_DISABLED = "auto_top_up_disabled"
+    SPEND_CAP_REACHED = "spend_cap_reached"
+    PAYMENT_ACTION_REQUIRED = "payment_action_required"
 
 
 #: Who gets a notification by e-mail: those who can act on billing.

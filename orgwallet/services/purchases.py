@@ -57,7 +57,7 @@ from orgwallet.db.models import (
 from orgwallet.errors import IdempotencyConflict, InvalidInput, NotFound, OrgWalletError
 from orgwallet.money import format_amount
 from orgwallet.payments.gateway import CheckoutLink, PaymentDeclined, StripeGateway
-from orgwallet.services import access, audit, notifications, pricing, validation, wallets
+from orgwallet.services import access, audit, autotopup, notifications, pricing, validation, wallets
 from orgwallet.services.audit import request_id_var
 from orgwallet.services.notifications import NotificationKind
 
@@ -472,6 +472,21 @@ async def purchase_with_saved_card(
                 after=_purchase_snapshot(purchase) | {"payment_method": payment_method},
             )
     assert purchase is not None
+    return await charge_saved_card(sessions, gateway, purchase, customer_id, payment_method)
+
+
+async def charge_saved_card(
+    sessions: async_sessionmaker[AsyncSession],
+    gateway: StripeGateway,
+    purchase: Purchase,
+    customer_id: str,
+    payment_method: str,
+    now: datetime | None = None,
+) -> SavedCardOutcome:
+    """Charges a committed PENDING purchase off-session (no transaction open while Stripe is
+    called; the purchase's own Stripe idempotency key), then records the outcome. A decline
+    fails the purchase, except a card that needs its holder (``needs_action``): that purchase
+    stays PENDING for a payment page."""
     try:
         intent = await gateway.charge_saved_payment_method(
             customer_id=customer_id,
@@ -480,7 +495,7 @@ async def purchase_with_saved_card(
             currency=purchase.currency,
             metadata={
                 "purchase_id": str(purchase.id),
-                "organization_id": str(organization_id),
+                "organization_id": str(purchase.organization_id),
                 "reference": purchase.reference,
             },
             idempotency_key=f"purchase-{purchase.id}-charge",
@@ -490,8 +505,11 @@ async def purchase_with_saved_card(
         async with transaction(sessions) as session:
             failed = await _lock(session, purchase.id)
             link_payment_intent(failed, declined.payment_intent_id)
-            if _fail(failed, decline_reason(declined.message, declined.decline_code or declined.stripe_code)):
-                await _tell_failed(session, failed)
+            reason = decline_reason(declined.message, declined.decline_code or declined.stripe_code)
+            if declined.stripe_code == ACTION_REQUIRED and failed.method == PurchaseMethod.AUTO_TOP_UP:
+                await note_action_required(session, failed, reason)
+            elif _fail(failed, reason):
+                await _failed(session, failed, now)
             await session.flush()
         return SavedCardOutcome(failed, declined)
     async with transaction(sessions) as session:
@@ -499,6 +517,115 @@ async def purchase_with_saved_card(
         link_payment_intent(charged, intent.id)
         await session.flush()
     return SavedCardOutcome(charged)
+
+
+#: Stripe's code for an off-session payment that needs the card holder (authentication).
+ACTION_REQUIRED = "authentication_required"
+
+
+def needs_action(purchase: Purchase) -> bool:
+    """A PENDING automatic top-up whose card asked for its holder: it waits for a payment page."""
+    return (
+        purchase.status == PurchaseStatus.PENDING
+        and purchase.method == PurchaseMethod.AUTO_TOP_UP
+        and ACTION_REQUIRED in (purchase.failure_reason or "")
+    )
+
+
+async def note_action_required(session: AsyncSession, purchase: Purchase, reason: str) -> str:
+    """An automatic top-up's card needs its holder: not a failure to retry in a loop. The
+    purchase stays PENDING (in flight: no other top-up starts) until its payment page is paid
+    or expires."""
+    if purchase.status != PurchaseStatus.PENDING:
+        return "ignored"
+    purchase.failure_reason = reason[:1000] if ACTION_REQUIRED in reason else f"{reason} ({ACTION_REQUIRED})"
+    purchase.updated_at = _now()
+    await session.flush()
+    return "action_required"
+
+
+async def open_action_page(
+    sessions: async_sessionmaker[AsyncSession], gateway: StripeGateway, settings: Settings, purchase: Purchase
+) -> str:
+    """A Checkout page for a top-up whose card needs its holder, and the notification that
+    links to it (PAYMENT_ACTION_REQUIRED); paying it credits the purchase like any other."""
+    back = (settings.app_url or settings.public_url).rstrip("/")
+    link = await _payment_checkout(
+        sessions,
+        gateway,
+        purchase,
+        f"{purchase.tokens} tokens (automatic top-up {purchase.reference})",
+        f"{back}/?top-up={purchase.reference}",
+        f"{back}/?top-up={purchase.reference}&cancelled=1",
+    )
+    async with transaction(sessions) as session:
+        locked = await _lock(session, purchase.id)
+        if locked.checkout_session_id is None:
+            locked.checkout_session_id = link.session_id
+            locked.action_url = link.url
+            locked.updated_at = _now()
+            await session.flush()
+            await notifications.notify(
+                session,
+                locked.organization_id,
+                NotificationKind.PAYMENT_ACTION_REQUIRED,
+                key=f"action-required:{locked.id}",
+                title="Your card needs you to complete a top-up",
+                body=(
+                    f"The bank asks the card holder to confirm the automatic top-up {locked.reference} "
+                    f"({locked.tokens:,} tokens, {format_amount(locked.amount_minor, locked.currency)}). "
+                    f"Complete it here: {link.url}"
+                ),
+                data=_notice_data(locked) | {"url": link.url},
+            )
+    return link.url
+
+
+async def purchase_by_key(session: AsyncSession, organization_id: uuid.UUID, key: str) -> Purchase | None:
+    return await _by_key(session, organization_id, key)
+
+
+async def insert_auto_top_up(
+    session: AsyncSession,
+    organization_id: uuid.UUID,
+    *,
+    tokens: int,
+    amount_minor: int,
+    currency: str,
+    package_id: uuid.UUID | None,
+    key: str,
+    actor: str,
+    trigger: str,
+) -> Purchase:
+    """The PENDING purchase of an automatic top-up (unique in flight per organization)."""
+    purchase = (
+        await session.execute(
+            insert(Purchase)
+            .values(
+                id=uuid7(),
+                organization_id=organization_id,
+                package_id=package_id,
+                tokens=tokens,
+                amount_minor=amount_minor,
+                currency=currency,
+                status=PurchaseStatus.PENDING.value,
+                method=PurchaseMethod.AUTO_TOP_UP.value,
+                idempotency_key=key,
+                created_by=actor,
+            )
+            .returning(Purchase)
+        )
+    ).scalar_one()
+    await audit.record_system(
+        session,
+        actor=actor,
+        action="purchase.auto_top_up",
+        organization_id=organization_id,
+        target_type="purchase",
+        target_id=purchase.id,
+        after=_purchase_snapshot(purchase) | {"trigger": trigger},
+    )
+    return purchase
 
 
 async def setup_payment_method(
@@ -895,6 +1022,8 @@ async def credit_purchase(
     )
     for name, value in (paid | {"lot_id": lot_id}).items():
         set_committed_value(purchase, name, value)
+    if purchase.method == PurchaseMethod.AUTO_TOP_UP:
+        await autotopup.on_paid(session, purchase)
     await notifications.notify(
         session,
         purchase.organization_id,
@@ -907,14 +1036,16 @@ async def credit_purchase(
     return "credited"
 
 
-async def fail_purchase(session: AsyncSession, purchase: Purchase, reason: str) -> str:
+async def fail_purchase(
+    session: AsyncSession, purchase: Purchase, reason: str, now: datetime | None = None
+) -> str:
     """A payment that did not go through: a PENDING purchase becomes FAILED (no tokens)."""
     before = _purchase_snapshot(purchase)
     if not _fail(purchase, reason[:1000]):
         return "ignored"
     await session.flush()
     _stripe_audit(session, purchase, "purchase.failed", before=before, after=_purchase_snapshot(purchase))
-    await _tell_failed(session, purchase)
+    await _failed(session, purchase, now)
     return "failed"
 
 
@@ -928,7 +1059,11 @@ def _notice_data(purchase: Purchase) -> dict[str, Any]:
     }
 
 
-async def _tell_failed(session: AsyncSession, purchase: Purchase) -> None:
+async def _failed(session: AsyncSession, purchase: Purchase, now: datetime | None) -> None:
+    """What follows a purchase that did not get paid: the organization is told, and an automatic
+    top-up's policy backs off."""
+    if purchase.method == PurchaseMethod.AUTO_TOP_UP:
+        await autotopup.on_failed(session, purchase, now)
     await notifications.notify(
         session,
         purchase.organization_id,
@@ -951,7 +1086,7 @@ async def note_declined_attempt(session: AsyncSession, purchase: Purchase, reaso
     return "attempt_declined"
 
 
-async def expire_purchase(session: AsyncSession, purchase: Purchase) -> str:
+async def expire_purchase(session: AsyncSession, purchase: Purchase, now: datetime | None = None) -> str:
     if purchase.status != PurchaseStatus.PENDING:
         return "ignored"
     before = _purchase_snapshot(purchase)
@@ -959,6 +1094,8 @@ async def expire_purchase(session: AsyncSession, purchase: Purchase) -> str:
     purchase.updated_at = _now()
     await session.flush()
     _stripe_audit(session, purchase, "purchase.expired", before=before, after=_purchase_snapshot(purchase))
+    if purchase.method == PurchaseMethod.AUTO_TOP_UP:  # its payment page was never paid
+        await autotopup.on_failed(session, purchase, now)
     return "expired"
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import stripe
@@ -52,6 +53,7 @@ class EventContext:
     event_id: str
     event_type: str
     fetched: Fetched
+    now: datetime  # the runtime's clock (back-off of automatic top-ups is counted from it)
 
 
 Handler = Callable[[EventContext, JsonObject], Awaitable[str]]
@@ -195,7 +197,7 @@ async def checkout_session_async_payment_failed(ctx: EventContext, checkout: Jso
         return _unknown(ctx, checkout)
     purchases.link_payment_intent(purchase, _id_of(checkout.get("payment_intent")))
     return await purchases.fail_purchase(
-        ctx.session, purchase, purchase.failure_reason or "The delayed payment (bank debit) failed."
+        ctx.session, purchase, purchase.failure_reason or "The delayed payment (bank debit) failed.", ctx.now
     )
 
 
@@ -205,7 +207,7 @@ async def checkout_session_expired(ctx: EventContext, checkout: JsonObject) -> s
     purchase = await _session_purchase(ctx, checkout)
     if purchase is None:
         return _unknown(ctx, checkout)
-    return await purchases.expire_purchase(ctx.session, purchase)
+    return await purchases.expire_purchase(ctx.session, purchase, ctx.now)
 
 
 async def _intent_purchase(ctx: EventContext, intent: JsonObject) -> Purchase | None:
@@ -240,7 +242,8 @@ async def payment_intent_succeeded(ctx: EventContext, intent: JsonObject) -> str
 async def payment_intent_payment_failed(ctx: EventContext, intent: JsonObject) -> str:
     """A saved-card (or automatic) charge that failed: FAILED with the reason. On a Checkout
     page a declined card leaves the session open for another try: the purchase stays
-    PENDING (it expires with the session)."""
+    PENDING (it expires with the session). An automatic top-up whose card needs its holder
+    stays PENDING for the payment page that the top-up job opens."""
     purchase = await _intent_purchase(ctx, intent)
     if purchase is None:
         return _unknown(ctx, intent)
@@ -250,9 +253,11 @@ async def payment_intent_payment_failed(ctx: EventContext, intent: JsonObject) -
         _str(error.get("message")), _str(error.get("decline_code")) or _str(error.get("code"))
     )
     purchases.link_payment_intent(purchase, _str(intent.get("id")))
-    if purchase.method == PurchaseMethod.CHECKOUT:
+    if purchase.method == PurchaseMethod.CHECKOUT or purchase.checkout_session_id is not None:
         return await purchases.note_declined_attempt(ctx.session, purchase, reason)
-    return await purchases.fail_purchase(ctx.session, purchase, reason)
+    if purchase.method == PurchaseMethod.AUTO_TOP_UP and error.get("code") == purchases.ACTION_REQUIRED:
+        return await purchases.note_action_required(ctx.session, purchase, reason)
+    return await purchases.fail_purchase(ctx.session, purchase, reason, ctx.now)
 
 
 async def _charge_purchase(ctx: EventContext, charge: JsonObject) -> Purchase | None:

@@ -26,6 +26,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import text
@@ -86,9 +88,14 @@ def _object(event: dict[str, Any]) -> dict[str, Any] | None:
 
 
 async def handle_event(
-    sessions: async_sessionmaker[AsyncSession], gateway: StripeGateway, event: dict[str, Any], payload: str
+    sessions: async_sessionmaker[AsyncSession],
+    gateway: StripeGateway,
+    event: dict[str, Any],
+    payload: str,
+    now: datetime | None = None,
 ) -> tuple[int, str]:
-    """Stores and handles one verified event: (HTTP status, outcome)."""
+    """Stores and handles one verified event: (HTTP status, outcome). ``now``: the runtime's
+    clock (the machine's when not given)."""
     try:
         obj = _object(event)
         prefetch = PREFETCH.get(event["type"])
@@ -102,7 +109,8 @@ async def handle_event(
             handler = HANDLERS.get(event["type"])
             outcome = "ignored"
             if handler is not None and obj is not None:
-                outcome = await handler(EventContext(session, event["id"], event["type"], fetched), obj)
+                at = now or datetime.now(UTC)
+                outcome = await handler(EventContext(session, event["id"], event["type"], fetched, at), obj)
             await (await driver_connection(session)).execute(_HANDLED, event["id"], outcome)
         return 200, outcome
     except Exception as error:
@@ -117,8 +125,12 @@ async def handle_event(
 
 
 def stripe_webhook_route(
-    driver: DriverPool, sessions: async_sessionmaker[AsyncSession], gateway: StripeGateway
+    driver: DriverPool,
+    sessions: async_sessionmaker[AsyncSession],
+    gateway: StripeGateway,
+    clock: Callable[[], datetime],
 ) -> Route:
+    """``clock``: the runtime's time, read per event (tests move it)."""
     """The route, plain Starlette: it needs none of FastAPI's parameter machinery."""
 
     async def stripe_webhook(request: Request) -> Response:
@@ -134,7 +146,7 @@ def stripe_webhook_route(
             handled = await connection.fetchval(_ALREADY_HANDLED, event["id"])
         if handled:
             return JSONResponse({"received": True, "outcome": "duplicate"})
-        status, outcome = await handle_event(sessions, gateway, event, body.decode())
+        status, outcome = await handle_event(sessions, gateway, event, body.decode(), clock())
         return JSONResponse({"received": status < 300, "outcome": outcome}, status_code=status)
 
     return Route("/webhooks/stripe", stripe_webhook, methods=["POST"], include_in_schema=False)

@@ -201,3 +201,6 @@ async def eventually(check: Any, *, within: float = 30.0, what: str = "the condi
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.1)
+
+
+from tests.purchasing import shop  # noqa: E402, F401 (the fixture, for the top-up tests)

@@ -205,3 +205,138 @@ async def _async(value: bool) -> bool:
 
 async def _email_sent(runtime: Runtime) -> bool:
     return await rows(runtime, "SELECT status FROM emails") == [("sent",)]
+
+
+class ServedApp:
+    """The app on a real port (so worker processes reach its offline Stripe over HTTP), without
+    its embedded worker: the worker processes do the jobs."""
+
+    def __init__(self, settings: Any) -> None:
+        import socket
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.base_url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        from orgwallet.app import create_app
+
+        self.settings = settings.model_copy(update={"public_url": self.base_url, "worker": "off"})
+        self.app = create_app(self.settings)
+        self.task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> ServedApp:
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="off"))
+        self.task = asyncio.create_task(self.server.serve(sockets=[self.sock]))
+        async with asyncio.timeout(10):
+            while not self.server.started:  # noqa: ASYNC110 (uvicorn offers only a flag)
+                await asyncio.sleep(0.01)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        assert self.task is not None
+        async with asyncio.timeout(10):
+            await self.task
+        self.sock.close()
+        await self.app.state.runtime.close()
+
+
+async def test_three_workers_one_top_up_per_crossing_and_per_schedule_slot(
+    settings: Any, workers: Workers
+) -> None:
+    from tests.jobs.test_auto_top_up import SET
+    from tests.payments.test_purchases import save_card
+    from tests.purchasing import FAST_RETRIES, new_shop
+
+    clock = FileClock(workers.clock_file)
+    clock.set(datetime.now(UTC))
+    async with ServedApp(settings) as served:
+        runtime: Runtime = served.app.state.runtime
+        runtime.clock = clock
+        assert runtime.simulator is not None
+        runtime.simulator.webhooks.retry_delays = FAST_RETRIES
+        transport = httpx.ASGITransport(app=served.app)
+        async with (
+            httpx.AsyncClient(transport=transport, base_url="http://test") as http,
+            httpx.AsyncClient(transport=transport) as browser,
+        ):
+            client = GraphQLClient(http, served.settings)
+            shop = await new_shop(served.app, client, browser)
+            await save_card(shop)
+            grant = """mutation($org: ID!) {
+              grantTokens(input: {organizationId: $org, amount: 117, reason: "t"}) { __typename } }"""
+            await client.data(grant, {"org": shop.org}, as_="root-admin")
+            policy = {
+                "organizationId": shop.org,
+                "enabled": True,
+                "threshold": 50,
+                "method": "FIXED",
+                "tokens": 100,
+            }
+            await client.data(SET, {"input": policy}, as_=shop.owner)
+            workers.start(
+                3, ORGWALLET_PUBLIC_URL=served.base_url, STRIPE_WEBHOOK_SECRET=served.settings.webhook_secret
+            )
+
+            consume = """mutation($org: ID!, $key: String!) {
+              consumeTokens(input: {organizationId: $org, amount: 1, idempotencyKey: $key}) {
+                __typename } }"""
+            await asyncio.gather(
+                *(client.data(consume, {"org": shop.org, "key": f"c{i}"}, as_=shop.owner) for i in range(100))
+            )
+
+            async def top_ups() -> list[Any]:
+                return await rows(
+                    runtime,
+                    "SELECT status, idempotency_key FROM purchases WHERE method = 'auto_top_up' ORDER BY id",
+                )
+
+            async def all_paid(count: int) -> bool:
+                found = await top_ups()
+                return len(found) == count and all(status == "paid" for status, _ in found)
+
+            await eventually(lambda: all_paid(1), within=60, what="the top-up paid")
+            assert await shop.balance() == 120
+
+            # A weekly schedule: one top-up per slot, a missed stretch caught up once.
+            now = clock.now()
+            schedule = {"interval": "WEEKLY", "dayOfWeek": now.isoweekday(), "hourUtc": 0}
+            policy = {
+                "organizationId": shop.org,
+                "enabled": True,
+                "method": "FIXED",
+                "tokens": 10,
+                "schedule": schedule,
+            }
+            saved = await client.data(SET, {"input": policy}, as_=shop.owner)
+            next_run = datetime.fromisoformat(saved["setAutoTopUp"]["policy"]["schedule"]["nextRunAt"])
+            clock.set(next_run + timedelta(minutes=1))
+            await eventually(lambda: all_paid(2), within=60, what="the scheduled top-up")
+            for minutes in (2, 3, 4):  # later periods of the duty: the slot is done
+                clock.set(next_run + timedelta(minutes=minutes))
+                await eventually(
+                    lambda m=minutes: _finished(
+                        runtime,
+                        "auto_top_up.due",
+                        duties.period_start(next_run + timedelta(minutes=m), timedelta(minutes=1)),
+                    ),
+                    what="the duty's next period",
+                )
+            clock.set(
+                next_run + timedelta(weeks=3, minutes=1)
+            )  # three slots with no worker... caught up once
+            await eventually(lambda: all_paid(3), within=60, what="the catch-up top-up")
+            clock.set(next_run + timedelta(weeks=3, minutes=2))
+            await eventually(
+                lambda: _finished(
+                    runtime,
+                    "auto_top_up.due",
+                    duties.period_start(next_run + timedelta(weeks=3, minutes=2), timedelta(minutes=1)),
+                ),
+                what="one more period",
+            )
+            keys = [key for _, key in await top_ups()]
+            assert len(keys) == 3 and keys[0].startswith("auto-top-up:threshold:")
+            assert all(k.startswith("auto-top-up:schedule:") for k in keys[1:])
+            assert not await ledger_violations(runtime)

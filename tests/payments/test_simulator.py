@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
+import stripe
 
+from orgwallet.payments.gateway import STRIPE_API_VERSION, PaymentDeclined, TransportHTTPClient
+from orgwallet.payments.simulator import SIMULATOR_SECRET_KEY
 from orgwallet.payments.simulator.forms import decode_form
-from tests.payments.conftest import API_BASE, CANCEL_URL, FAST_RETRIES, StripeWorld
+from tests.payments.conftest import API_BASE, CANCEL_URL, FAST_RETRIES, StripeWorld, key
+
+AUTHENTICATION_REQUIRED_CARD = "4000 0027 6000 3184"
 
 
 async def control(world: StripeWorld, path: str, body: dict[str, Any] | None = None) -> httpx.Response:
@@ -104,6 +110,131 @@ class TestHostedCheckoutPage:
     async def test_unknown_session(self, stripe_world: StripeWorld) -> None:
         page = await stripe_world.browser.get(f"{API_BASE}/checkout/cs_test_nope")
         assert page.status_code == 404
+
+
+@pytest.fixture
+async def sdk(stripe_world: StripeWorld) -> AsyncIterator[stripe.StripeClient]:
+    """The plain SDK on the simulator, to see Stripe's own errors (the gateway wraps them)."""
+    http_client = TransportHTTPClient(stripe_world.transport)
+    yield stripe.StripeClient(
+        SIMULATOR_SECRET_KEY,
+        stripe_version=STRIPE_API_VERSION,
+        base_addresses={"api": API_BASE},
+        http_client=http_client,
+        max_network_retries=0,
+    )
+    await http_client.close_async()
+
+
+class TestAuthenticationRequiredCard:
+    """4000 0027 6000 3184: saved and paid on-session fine; charged off-session, it needs the
+    customer to authenticate, so Stripe declines it with ``authentication_required``."""
+
+    async def test_saved_then_charged_off_session_requires_authentication(
+        self, stripe_world: StripeWorld, sdk: stripe.StripeClient
+    ) -> None:
+        customer_id = await stripe_world.customer()
+        payment_method_id = await stripe_world.save_card(customer_id, AUTHENTICATION_REQUIRED_CARD)
+        [saved] = await stripe_world.gateway.list_payment_methods(customer_id)
+        assert saved.id == payment_method_id and saved.card is not None and saved.card.last4 == "3184"
+        assert await stripe_world.delivered("setup_intent.succeeded")
+
+        with pytest.raises(stripe.CardError) as raised:
+            await sdk.v1.payment_intents.create_async(
+                {
+                    "amount": 9000,
+                    "currency": "usd",
+                    "customer": customer_id,
+                    "payment_method": payment_method_id,
+                    "off_session": True,
+                    "confirm": True,
+                    "metadata": {"purchase_id": "pur-3ds"},
+                },
+                {"idempotency_key": key("off-3ds")},
+            )
+        error = raised.value
+        assert (error.http_status, error.code) == (402, "authentication_required")
+        assert error.error is not None
+        assert error.error.decline_code == "authentication_required"
+        assert error.error.message == "Your card was declined. This transaction requires authentication."
+        body_intent = error.error.payment_intent
+        assert body_intent is not None and body_intent.status == "requires_payment_method"
+        assert body_intent.last_payment_error is not None
+        assert body_intent.last_payment_error.code == "authentication_required"
+        assert error.error.charge is not None and error.error.charge.startswith("ch_")
+
+        intent = await sdk.v1.payment_intents.retrieve_async(body_intent.id)
+        assert (intent.status, intent.payment_method, intent.latest_charge) == (
+            "requires_payment_method",
+            None,
+            error.error.charge,
+        )
+        assert intent.last_payment_error is not None
+        assert (intent.last_payment_error.code, intent.last_payment_error.decline_code) == (
+            "authentication_required",
+            "authentication_required",
+        )
+        charge = await sdk.v1.charges.retrieve_async(error.error.charge)
+        assert (charge.status, charge.failure_code) == ("failed", "authentication_required")
+
+        [failed] = await stripe_world.delivered("payment_intent.payment_failed")
+        assert failed.data.object["id"] == intent.id
+        assert failed.data.object["metadata"].to_dict() == {"purchase_id": "pur-3ds"}
+        last_error = failed.data.object["last_payment_error"]
+        assert (last_error["code"], last_error["decline_code"]) == (
+            "authentication_required",
+            "authentication_required",
+        )
+        assert await stripe_world.delivered("payment_intent.succeeded") == []
+
+    async def test_the_gateway_reports_it_as_a_decline(self, stripe_world: StripeWorld) -> None:
+        customer_id = await stripe_world.customer()
+        payment_method_id = await stripe_world.save_card(customer_id, AUTHENTICATION_REQUIRED_CARD)
+        with pytest.raises(PaymentDeclined) as raised:
+            await stripe_world.gateway.charge_saved_payment_method(
+                customer_id=customer_id,
+                payment_method_id=payment_method_id,
+                amount_minor=9000,
+                currency="usd",
+                metadata={"purchase_id": "pur-3ds"},
+                idempotency_key=key("off-3ds"),
+            )
+        declined = raised.value
+        assert (declined.stripe_code, declined.decline_code) == (
+            "authentication_required",
+            "authentication_required",
+        )
+        assert declined.payment_intent_id is not None
+        intent = await stripe_world.gateway.retrieve_payment_intent(declined.payment_intent_id)
+        assert intent.status == "requires_payment_method"
+
+    async def test_paid_on_the_checkout_page_succeeds(self, stripe_world: StripeWorld) -> None:
+        customer_id = await stripe_world.customer()
+        link = await stripe_world.payment_checkout(customer_id, amount_minor=4500)
+        response = await stripe_world.submit(link, "pay", AUTHENTICATION_REQUIRED_CARD)
+        assert response.status_code == 303, response.text
+        session = await stripe_world.gateway.retrieve_checkout_session(link.session_id)
+        assert (session.status, session.payment_status) == ("complete", "paid")
+        [succeeded] = await stripe_world.delivered("payment_intent.succeeded")
+        assert succeeded.data.object["id"] == session.payment_intent
+        assert await stripe_world.delivered("payment_intent.payment_failed") == []
+
+    async def test_confirmed_on_session_through_the_api_succeeds(
+        self, stripe_world: StripeWorld, sdk: stripe.StripeClient
+    ) -> None:
+        # The simulator has no 3-D Secure step: a customer present is taken to authenticate.
+        customer_id = await stripe_world.customer()
+        payment_method_id = await stripe_world.save_card(customer_id, AUTHENTICATION_REQUIRED_CARD)
+        intent = await sdk.v1.payment_intents.create_async(
+            {
+                "amount": 9000,
+                "currency": "usd",
+                "customer": customer_id,
+                "payment_method": payment_method_id,
+                "confirm": True,
+            }
+        )
+        assert intent.status == "succeeded"
 
 
 class TestAsyncPayment:

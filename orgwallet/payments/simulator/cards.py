@@ -11,10 +11,17 @@
 | 4000 0000 0000 0127 | declined: ``incorrect_cvc`` |
 | 4000 0000 0000 0119 | declined: ``processing_error`` |
 | 4000 0000 0000 0341 | saving it to a customer succeeds; every charge is declined (``generic_decline``) |
+| 4000 0027 6000 3184 | saving it and paying on-session succeed; off-session: ``authentication_required`` |
 | anything not Luhn-valid | ``incorrect_number`` |
 
 As on Stripe, a declining card also fails when it is only being saved (setup mode), except
 4000 0000 0000 0341, which exists to test a saved card that declines off-session.
+
+4000 0027 6000 3184 requires authentication (3-D Secure) on every payment. On-session (paid on
+the hosted Checkout page, or a PaymentIntent confirmed without ``off_session``) the customer is
+taken to be present and authenticated, so it succeeds: the simulator has no 3-D Secure step.
+Charged ``off_session`` it fails as on Stripe: 402, ``authentication_required`` (code and
+decline code), the intent back to ``requires_payment_method`` and ``payment_intent.payment_failed``.
 """
 
 from __future__ import annotations
@@ -33,12 +40,19 @@ class Decline:
 class Card:
     number: str
     brand: str
-    decline: Decline | None = None
+    decline: Decline | None = None  # every charge fails with it
     declines_when_saved: bool = False
+    off_session_decline: Decline | None = None  # only off-session charges fail with it
 
     @property
     def last4(self) -> str:
         return self.number[-4:]
+
+    def charge_decline(self, *, off_session: bool) -> Decline | None:
+        """How a charge of this card fails (``None``: it succeeds)."""
+        if self.decline is not None:
+            return self.decline
+        return self.off_session_decline if off_session else None
 
 
 _DECLINED = "Your card was declined."
@@ -64,6 +78,13 @@ _DECLINES: dict[str, tuple[Decline, bool]] = {
         True,
     ),
     "4000000000000341": (Decline("card_declined", "generic_decline", _DECLINED), False),
+}
+_OFF_SESSION_DECLINES: dict[str, Decline] = {
+    "4000002760003184": Decline(
+        "authentication_required",
+        "authentication_required",
+        "Your card was declined. This transaction requires authentication.",
+    ),
 }
 
 INCORRECT_NUMBER = Decline("incorrect_number", None, "Your card number is incorrect.")
@@ -106,6 +127,8 @@ def lookup(number: str) -> Card:
     if digits in _DECLINES:
         decline, when_saved = _DECLINES[digits]
         return Card(digits, brand_of(digits), decline, when_saved)
+    if digits in _OFF_SESSION_DECLINES:
+        return Card(digits, brand_of(digits), off_session_decline=_OFF_SESSION_DECLINES[digits])
     if not luhn_valid(digits):
         raise ValueError(INCORRECT_NUMBER.message)
     return Card(digits, brand_of(digits))

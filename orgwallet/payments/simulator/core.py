@@ -74,6 +74,21 @@ def list_object(data: list[JsonObject], url: str) -> JsonObject:
     return {"object": "list", "data": data, "has_more": False, "url": url}
 
 
+def _param_off_session(params: JsonObject) -> bool:
+    """A PaymentIntent's ``off_session``: a boolean, or ``one_off`` / ``recurring`` (true)."""
+    raw = param_str(params, "off_session")
+    if raw in (None, "false"):
+        return False
+    if raw in ("true", "one_off", "recurring"):
+        return True
+    raise StripeApiError(
+        400,
+        f"Invalid off_session: must be a boolean, one_off or recurring (got {raw}).",
+        code="parameter_invalid_string",
+        param="off_session",
+    )
+
+
 @dataclass(frozen=True)
 class IdempotentResult:
     fingerprint: str
@@ -548,17 +563,20 @@ class Simulator:
             extra={key: copy.deepcopy(value) for key, value in objects.items()},
         )
 
-    def _charge_card(self, intent: JsonObject, payment_method: JsonObject) -> JsonObject:
-        """Charge a card payment method now; a decline raises Stripe's card error (402)."""
+    def _charge_card(
+        self, intent: JsonObject, payment_method: JsonObject, *, off_session: bool
+    ) -> JsonObject:
+        """Charge a card payment method now (``off_session``: without the customer, who cannot
+        authenticate); a decline raises Stripe's card error (402)."""
         if payment_method["type"] != "card":
             raise StripeApiError(
                 400, "The simulator charges only card payment methods directly.", param="payment_method"
             )
-        card = self._cards[payment_method["id"]]
-        charge = self._charge(intent, payment_method, card.decline)
-        if card.decline is not None:
+        decline = self._cards[payment_method["id"]].charge_decline(off_session=off_session)
+        charge = self._charge(intent, payment_method, decline)
+        if decline is not None:
             raise self._decline_error(
-                card.decline, charge=charge["id"], payment_intent=intent, payment_method=payment_method
+                decline, charge=charge["id"], payment_intent=intent, payment_method=payment_method
             )
         return charge
 
@@ -582,8 +600,9 @@ class Simulator:
         )
         if payment_method is not None:
             intent.update(payment_method=payment_method["id"], status="requires_confirmation")
+        off_session = _param_off_session(params)
         if param_bool(params, "confirm"):
-            self._confirm(intent)
+            self._confirm(intent, off_session=off_session)
         return copy.deepcopy(intent)
 
     def confirm_payment_intent(self, intent_id: str, params: JsonObject) -> JsonObject:
@@ -598,10 +617,10 @@ class Simulator:
         payment_method = self._usable_payment_method(param_str(params, "payment_method"), intent["customer"])
         if payment_method is not None:
             intent["payment_method"] = payment_method["id"]
-        self._confirm(intent)
+        self._confirm(intent, off_session=_param_off_session(params))
         return copy.deepcopy(intent)
 
-    def _confirm(self, intent: JsonObject) -> None:
+    def _confirm(self, intent: JsonObject, *, off_session: bool) -> None:
         if intent["payment_method"] is None:
             raise StripeApiError(
                 400,
@@ -609,7 +628,9 @@ class Simulator:
                 code="payment_intent_unexpected_state",
                 extra={"payment_intent": copy.deepcopy(intent)},
             )
-        self._charge_card(intent, self._get(intent["payment_method"], "payment_method"))
+        self._charge_card(
+            intent, self._get(intent["payment_method"], "payment_method"), off_session=off_session
+        )
 
     def _usable_payment_method(
         self, payment_method_id: str | None, customer_id: str | None
@@ -807,7 +828,7 @@ class Simulator:
             payment_status = "unpaid"
         else:
             payment_method = self._new_card_payment_method(self._lookup_card(card_number))
-            self._charge_card(intent, payment_method)
+            self._charge_card(intent, payment_method, off_session=False)
             payment_status = "paid"
         if session["customer"] is not None:
             self._attach(payment_method, session["customer"])
