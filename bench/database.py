@@ -31,6 +31,14 @@ TRIAL_TOKENS = 3
 HISTORY_ENTRIES = 150
 HANDLED_EVENTS = 5_000
 
+#: The wallet-change signal (migration 0007): the trigger on every write of a balance, and the
+#: low-balance alert that every other organization (odd n) and the hot wallet's have, at this
+#: many tokens (the alert listener's watch band is then [LOW_ALERT_TOKENS, none); the other
+#: wallets keep a new wallet's band, [1, none), the built-in watch for depletion).
+SIGNAL_TRIGGER = "wallets_signal"
+SIGNAL_JOB = "wallet.signal"
+LOW_ALERT_TOKENS = 1_000
+
 
 def org_id(n: int) -> uuid.UUID:
     return uuid.UUID(f"{ORG_PREFIX}{n:012x}")
@@ -197,7 +205,8 @@ async def seed(dsn: str, organizations: int) -> Seeded:
     """``organizations`` organizations (n = 1..N) with a wallet of two lots (a trial grant
     expiring in 30 days, drawn first, and a large purchase) and an API key with tokens.view and
     tokens.consume; plus the hot wallet (N+1, a huge balance) and the history wallet (N+2,
-    HISTORY_ENTRIES consumptions). Written through the ledger's own SQL functions."""
+    HISTORY_ENTRIES consumptions). Written through the ledger's own SQL functions. The watch
+    bands of the wallet-change signal are those of a live system (``_watch``)."""
     hot_n, history_n = organizations + 1, organizations + 2
     total = organizations + 2
     keys = [key_secrets.issue() for _ in range(total)]
@@ -262,6 +271,7 @@ async def seed(dsn: str, organizations: int) -> Seeded:
                 HISTORY_ENTRIES,
             )
             assert all(r[0] == "ok" for r in history), "seeding the history wallet failed"
+            await _watch(conn, organizations)
             # Stripe events handled before (a server that has been up a while has them): the
             # planner then knows stripe_events is not empty, as it does on a live system, and the
             # webhook burst's statements are planned for a table of that size (on an empty
@@ -293,6 +303,110 @@ async def seed(dsn: str, organizations: int) -> Seeded:
         )
 
     return Seeded(many=[org(n) for n in range(1, organizations + 1)], hot=org(hot_n), history=org(history_n))
+
+
+async def _has_signal(conn: asyncpg.Connection) -> bool:
+    return bool(
+        await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = 'wallets'::regclass AND tgname = $1)",
+            SIGNAL_TRIGGER,
+        )
+    )
+
+
+async def _watch(conn: asyncpg.Connection, organizations: int) -> None:
+    """The wallet-change signal's watch bands as a live system has them: every other
+    organization (odd n) and the hot wallet's have a low-balance alert at LOW_ALERT_TOKENS,
+    armed, with the built-in depletion watch (the rows and the band that the alert listener,
+    ``alerts.evaluate``, writes); the others keep a new wallet's band. Every balance is far
+    inside its band, so the trigger's WHEN clause is evaluated on every write and never fires
+    (the common case). Nothing to do before migration 0007."""
+    if not await _has_signal(conn):
+        return
+    hot_n = organizations + 1
+    await conn.execute(
+        """
+        WITH watched AS (
+          SELECT w.id, w.organization_id, w.entry_seq
+          FROM generate_series(1, $2::int) n
+          JOIN wallets w ON w.id = ($3 || lpad(to_hex(n), 12, '0'))::uuid
+          WHERE n % 2 = 1 OR n = $2
+        ), alerts AS (
+          INSERT INTO balance_alerts (organization_id, kind, threshold, checked_seq, created_by)
+          SELECT organization_id, a.kind, a.threshold, entry_seq, a.created_by
+          FROM watched,
+               (VALUES ('low', $1::bigint, 'bench'), ('depleted', 1, NULL)) AS a(kind, threshold, created_by)
+        )
+        UPDATE wallets w SET watch_below = $1 FROM watched WHERE w.id = watched.id
+        """,
+        LOW_ALERT_TOKENS,
+        hot_n,
+        WALLET_PREFIX,
+    )
+    outside = await conn.fetchval(
+        "SELECT count(*) FROM wallets WHERE balance < watch_below OR balance >= watch_at_or_above"
+    )
+    assert outside == 0, f"seeding: {outside} wallets outside their watch band"
+
+
+async def signal_status(dsn: str) -> dict[str, Any]:
+    """The wallet-change signal's state: the trigger (``enabled``: True, False, or None when it
+    is not installed), the ``wallet.signal`` jobs enqueued so far (PgQueuer's log keeps one
+    'queued' line per job) and the wallets per watch band, with those outside their band."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        state = await conn.fetchval(
+            "SELECT tgenabled::text FROM pg_trigger WHERE tgrelid = 'wallets'::regclass AND tgname = $1",
+            SIGNAL_TRIGGER,
+        )
+        if state is None:
+            return {"enabled": None, "enqueued": None, "bands": []}
+        enqueued = await conn.fetchval(
+            "SELECT count(*) FROM pgqueuer_log WHERE entrypoint = $1 AND status = 'queued'", SIGNAL_JOB
+        )
+        bands = await conn.fetch(
+            """
+            SELECT watch_below, watch_at_or_above, count(*) AS wallets, min(balance) AS min_balance,
+                   count(*) FILTER (WHERE balance < watch_below OR balance >= watch_at_or_above) AS outside
+            FROM wallets GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2
+            """
+        )
+    finally:
+        await conn.close()
+    return {
+        "enabled": state != "D",
+        "enqueued": int(enqueued),
+        "bands": [
+            {
+                "watch_below": b["watch_below"],
+                "watch_at_or_above": b["watch_at_or_above"],
+                "wallets": int(b["wallets"]),
+                "min_balance": b["min_balance"],
+                "outside": int(b["outside"]),
+            }
+            for b in bands
+        ],
+    }
+
+
+async def set_signal(dsn: str, *, enabled: bool) -> None:
+    """``ALTER TABLE wallets ENABLE|DISABLE TRIGGER wallets_signal`` on the bench's own
+    connection, the database's owner (it created and migrated the database), then reads the
+    trigger's state back. Waits at most 30 s for the table's lock (the server is idle between
+    workloads, but for its job worker)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("SET lock_timeout = '30s'")
+        verb = "ENABLE" if enabled else "DISABLE"
+        await conn.execute(f"ALTER TABLE wallets {verb} TRIGGER {SIGNAL_TRIGGER}")
+        state = await conn.fetchval(
+            "SELECT tgenabled::text FROM pg_trigger WHERE tgrelid = 'wallets'::regclass AND tgname = $1",
+            SIGNAL_TRIGGER,
+        )
+    finally:
+        await conn.close()
+    if (state != "D") != enabled:
+        raise RuntimeError(f"{SIGNAL_TRIGGER}: tgenabled is {state!r} after {verb}")
 
 
 # ---------------------------------------------------------------- checks

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import baselines, database, report, webhooks
+from bench import baselines, database, report, topups, webhooks
 from bench import env as bench_env
 from bench import wrk as wrk_runner
 from bench.database import Database, Seeded
@@ -44,13 +44,41 @@ class Profile:
     webhook_events: int  # deliveries in the burst, duplicates included
     webhook_workers: tuple[int, ...]  # the server configurations that get the burst
     duplicate_share: float = 0.3
+    crossing_wallets: int = 100  # organizations with an automatic top-up in the threshold crossing
 
 
 PROFILES = {
-    "smoke": Profile("smoke", 50, 1, 0, (1,), 4, 1, 100, 50, 1_000, 100, (1,)),
+    "smoke": Profile("smoke", 50, 1, 0, (1,), 4, 1, 100, 50, 1_000, 100, (1,), crossing_wallets=50),
     "quick": Profile("quick", 1000, 3, 1, (1, 2), 16, 2, 500, 100, 10_000, 1000, (2,)),
     "full": Profile("full", 1000, 12, 3, (1, 2), 16, 2, 500, 100, 20_000, 1000, (1, 2)),
 }
+
+#: The wallet-change signal's cost: label, Lua mode, data file (the workloads of the plan's
+#: "many wallets: consumeTokens" and "hot wallet: consumeTokens").
+SIGNAL_PLAN = (("many wallets", "consume", "many"), ("hot wallet", "hot", "hot"))
+#: The trigger's state run by run, per workload: off, on, on, off (ABBA), so that a drift over
+#: the phase weighs on both states alike and each state is measured twice.
+SIGNAL_ORDER = (False, True, True, False)
+#: The phase's time at most (about): past it, each run measures half the profile's seconds
+#: (its warm-up unchanged). The estimate counts, per run, the warm-up, the measured seconds
+#: and what surrounds them (wrk's start, the entries settling, the ledger check, the trigger).
+SIGNAL_BUDGET_S = 120.0
+SIGNAL_RUN_OVERHEAD_S = 1.5
+
+
+#: The threshold-crossing workload's row: the many-wallet consumption over the wallets that have
+#: an automatic top-up (its threshold just below the balance), on the run's smallest server.
+CROSSING_ROW = "many wallets: crossing thresholds"
+#: How long the top-ups started by the crossings may take to be paid and credited after the load.
+CROSSING_QUIET_S = 60.0
+
+
+def signal_seconds(profile: Profile) -> float:
+    """The measured seconds of each signal-cost run: the profile's, or half of them when the
+    phase would take more than SIGNAL_BUDGET_S (the full profile: 8 runs of 3 + 12 s)."""
+    runs = len(SIGNAL_PLAN) * len(SIGNAL_ORDER)
+    estimate = runs * (profile.warmup + profile.seconds + SIGNAL_RUN_OVERHEAD_S)
+    return profile.seconds if estimate <= SIGNAL_BUDGET_S else profile.seconds / 2
 
 
 @dataclass
@@ -58,7 +86,8 @@ class Row:
     """One measured workload."""
 
     name: str
-    kind: str  # app | L0 | L1 | floor
+    kind: str  # app | L0 | L1 | floor | signal (the app with the wallet-change signal off or on)
+    #          | crossing (the many-wallet consumption crossing the thresholds of automatic top-ups)
     workers: int | None
     mode: str
     requests: int = 0
@@ -92,6 +121,8 @@ class Bench:
         self.notes: list[str] = []
         self.webhook: dict[str, Any] = {}
         self.storage: dict[str, Any] = {}
+        self.signal: dict[str, Any] = {}
+        self.crossing: dict[str, Any] = {}
         self.db: Database | None = None
         self.seeded: Seeded | None = None
         self.lua_data: dict[str, Path] = {}
@@ -250,8 +281,18 @@ class Bench:
                 ("history page of 100", "app", "history", "history", None),
                 (f"history page @ {p.history_rate}/s", "app", "history", "history", p.history_rate),
             ]
+            buyers = None
+            if workers == min(p.workers) == 1:
+                buyers = self.crossing_setup(server)
+            elif workers == min(p.workers):
+                detail = "needs the 1-worker server (the Stripe simulator keeps its state per process)"
+                self.crossing = {"status": "not measured", "detail": detail}
             for name, kind, mode, data, rate in plan:
                 self.workload(server, workers, name, kind, mode, data, rate)
+                if mode == "consume" and buyers:
+                    self.threshold_crossing(server, workers, buyers)
+            if workers == min(p.workers):
+                self.signal_cost(server, workers)
             if workers in p.webhook_workers:
                 self.webhook_burst(server, workers)
         finally:
@@ -281,9 +322,23 @@ class Bench:
         self.say(f"  primed: {result['requests']} balance reads, {result['ok']} ok")
 
     def workload(
-        self, server: Server, workers: int, name: str, kind: str, mode: str, data: str, rate: int | None
+        self,
+        server: Server,
+        workers: int,
+        name: str,
+        kind: str,
+        mode: str,
+        data: str,
+        rate: int | None,
+        *,
+        seconds: float | None = None,
+        before_measure: Callable[[], None] | None = None,
     ) -> None:
+        """One workload: the profile's warm-up, ``before_measure`` (not measured), then
+        ``seconds`` (default: the profile's) of measured load, the row recorded and the ledger
+        checked."""
         p = self.profile
+        seconds = p.seconds if seconds is None else seconds
         nonce = secrets.token_hex(4)
         data_file = str(self.lua_data[data]) if data != "-" else "-"
         script, args = (
@@ -302,11 +357,13 @@ class Bench:
                 connections=connections,
                 seconds=p.warmup,
             )
+        if before_measure is not None:
+            before_measure()
         writes = mode in ("consume", "hot", "insufficient")
         before_entries = self.settled_entries() if writes else 0
         app_before, pg_before = server.cpu_seconds(), self.pg_cpu()
         result = wrk_runner.run(
-            self.wrk, server.url, script, args, threads=p.threads, connections=connections, seconds=p.seconds
+            self.wrk, server.url, script, args, threads=p.threads, connections=connections, seconds=seconds
         )
         app_after, pg_after = server.cpu_seconds(), self.pg_cpu()
         requests = int(result["requests"])
@@ -328,6 +385,7 @@ class Bench:
             bad=bad,
             rate=rate,
             extra={
+                "duration_s": result["duration_us"] / 1e6,
                 "user_errors": result["user_errors"],
                 "graphql_errors": result["graphql_errors"],
                 "http_errors": result["http_errors"],
@@ -354,6 +412,208 @@ class Bench:
             f"  app {_fmt(row.app_cpu_ms)} ms/req  pg {_fmt(row.pg_cpu_ms)} ms/req  unexpected {bad}"
         )
         self.check(f"{name} ({workers}w)")
+
+    def signal_cost(self, server: Server, workers: int) -> None:
+        """What the wallet-change signal (trigger ``wallets_signal``, on every write of a
+        balance) costs the write path: the many-wallet and hot-wallet consumptions, each run
+        four times back to back on the same server with the trigger off, on, on, off (ABBA:
+        a drift over the phase weighs on both states alike), each run with the profile's
+        warm-up and ``signal_seconds`` of load (rows of kind "signal": the existing rows,
+        ratios and targets do not see them), ledger checked after each. Each state's rate is
+        its two runs' requests over their seconds. The seeded balances stay inside their watch
+        bands, so the trigger's WHEN clause is evaluated on every write and never fires: the
+        common case, the one measured. The trigger is enabled again whatever happens."""
+        assert self.db is not None
+        dsn = self.db.dsn
+        before = asyncio.run(database.signal_status(dsn))
+        if before["enabled"] is None:
+            detail = f"no trigger {database.SIGNAL_TRIGGER} on wallets (migration 0007)"
+            self.signal = {"status": "not available", "detail": detail}
+            self.say(f"  wallet-change signal: not available ({detail})")
+            return
+        seconds = signal_seconds(self.profile)
+        order = ", ".join("on" if enabled else "off" for enabled in SIGNAL_ORDER)
+        self.say(
+            f"  wallet-change signal: trigger {database.SIGNAL_TRIGGER} {order} per workload,"
+            f" {self.profile.warmup:g}s warm-up + {seconds:g}s each"
+        )
+        started = time.monotonic()
+        measured: list[Row] = []
+        try:
+            for label, mode, data in SIGNAL_PLAN:
+                runs = {"off": 0, "on": 0}
+                for position, enabled in enumerate(SIGNAL_ORDER, start=1):
+                    state = "on" if enabled else "off"
+                    runs[state] += 1
+                    name = f"{label}: signal {state} ({runs[state]})"
+                    asyncio.run(database.set_signal(dsn, enabled=enabled))
+                    jobs_before = asyncio.run(database.signal_status(dsn))["enqueued"]
+                    self.workload(server, workers, name, "signal", mode, data, None, seconds=seconds)
+                    jobs = asyncio.run(database.signal_status(dsn))["enqueued"] - jobs_before
+                    row = self.rows[-1]
+                    row.extra["signal"] = state
+                    row.extra["signal_run"] = runs[state]
+                    row.extra["signal_position"] = position
+                    row.extra["signals_enqueued"] = jobs
+                    measured.append(row)
+        finally:
+            try:
+                asyncio.run(database.set_signal(dsn, enabled=True))
+            except Exception as exc:
+                self.failures.append(f"{database.SIGNAL_TRIGGER} could not be enabled again: {exc}")
+        after = asyncio.run(database.signal_status(dsn))
+        if not after["enabled"]:
+            self.failures.append(f"{database.SIGNAL_TRIGGER} is still disabled after the signal-cost runs")
+        self.signal = report.signal_cost(
+            self.rows, measured, after["bands"], workers=workers, enabled_after=after["enabled"]
+        )
+        self.signal["seconds"], self.signal["warmup"] = seconds, self.profile.warmup
+        self.signal["elapsed_s"] = round(time.monotonic() - started, 1)
+        self.notes.append(self.signal["note"])
+        self.say(f"  {report.signal_line(self.signal)}")
+
+    def crossing_setup(self, server: Server) -> list[topups.Buyer] | None:
+        """Before the threshold crossing, not measured: the last ``crossing_wallets`` seeded
+        organizations (away from the webhook burst's buyers, the first 20) get a key that may
+        buy and configure, and a card saved through the real flow on this server (its Stripe
+        simulator keeps its state in memory); their wallets go into the Lua data "crossing"."""
+        assert self.db is not None and self.seeded is not None
+        count = min(self.profile.crossing_wallets, len(self.seeded.many))
+        orgs = self.seeded.many[-count:]
+        started = time.monotonic()
+        self.say(f"  threshold crossing: saving a card for {count} organizations (setupPaymentMethod)")
+        try:
+            buyers = asyncio.run(topups.issue_keys(self.db.dsn, orgs))
+            asyncio.run(topups.save_cards(server.url, buyers))
+            saved = asyncio.run(topups.wait_cards(self.db.dsn, orgs))
+        except topups.NotAvailable as exc:
+            self.crossing = {"status": "not available", "detail": str(exc)[:500]}
+            self.say(f"  threshold crossing: not available ({self.crossing['detail']})")
+            return None
+        except Exception as exc:
+            detail = f"{type(exc).__name__}: {exc}"[:500]
+            self.crossing = {"status": "failed", "detail": f"saving the cards: {detail}"}
+            self.failures.append(f"threshold crossing: saving the cards failed: {detail}")
+            self.say(f"  threshold crossing: {self.crossing['detail']}")
+            return None
+        if saved != count:
+            self.crossing = {"status": "failed", "detail": f"{saved} of {count} cards saved within 60 s"}
+            self.failures.append(f"threshold crossing: {self.crossing['detail']}")
+            return None
+        path = self.workdir / "orgs-crossing.txt"
+        path.write_text("".join(f"{o.global_id} {o.api_key}\n" for o in orgs))
+        self.lua_data["crossing"] = path
+        self.crossing = {"setup_s": round(time.monotonic() - started, 1), "cards_saved": saved}
+        self.say(f"  threshold crossing: {saved} cards saved in {self.crossing['setup_s']}s")
+        return buyers
+
+    def threshold_crossing(self, server: Server, workers: int, buyers: list[topups.Buyer]) -> None:
+        """The many-wallet consumption over the wallets with a saved card, each of which gets,
+        after the warm-up and before the measured load, an automatic top-up: threshold 1 to
+        ``spread`` tokens below its balance, FIXED ``topups.TOP_UP_TOKENS`` (about half the
+        wallets cross, at most once each, at times spread over the load, and are lifted well
+        above). Measured like the other workloads (row CROSSING_ROW, kind
+        "crossing"). Then, within CROSSING_QUIET_S, no signal or top-up job may be queued or
+        running and no top-up pending; every wallet must have as many top-ups as crossings, each
+        PAID and credited once, and the ledger must hold: else the run fails. The policies are
+        turned off afterwards and the bands set again, so that the workloads after see the
+        seeded state."""
+        assert self.db is not None
+        dsn = self.db.dsn
+        orgs = [b.org for b in buyers]
+        watched: list[topups.Watched] = []
+        armed: dict[str, Any] = {}
+
+        # About twice what one wallet spends in the load (at the plain many-wallet rate): about
+        # half the wallets cross, spread over the load.
+        plain = next(
+            (r for r in self.rows if r.name == "many wallets: consumeTokens" and r.workers == workers), None
+        )
+        per_wallet = (plain.rps if plain else 100.0) * self.profile.seconds / max(1, len(buyers))
+        spread = max(2, round(2 * per_wallet))
+
+        def arm() -> None:
+            self.settled_entries()  # the warm-up's last consumptions land before the balances are read
+            t0 = time.monotonic()
+            watched.extend(asyncio.run(topups.set_policies(server.url, buyers, dsn, spread=spread)))
+            armed.update(asyncio.run(topups.wait_bands(dsn, watched)))
+            armed["set_s"] = round(time.monotonic() - t0, 2)
+            if not armed["quiet"] or armed["unwatched"]:
+                raise BenchFailed(f"threshold crossing: the policies' bands were not set: {armed}")
+            armed["started_at"] = asyncio.run(topups.now(dsn))
+            armed["cpu_before"] = (server.cpu_seconds(), self.pg_cpu())
+
+        self.say(
+            f"  threshold crossing: {len(buyers)} wallets, threshold = balance - 1..{spread} (about"
+            f" {per_wallet:.0f} consumptions per wallet), FIXED {topups.TOP_UP_TOKENS:,} tokens"
+        )
+        try:
+            self.workload(
+                server, workers, CROSSING_ROW, "crossing", "consume", "crossing", None, before_measure=arm
+            )
+            row = self.rows[-1]
+            quiet = asyncio.run(topups.wait_quiet(dsn, orgs, CROSSING_QUIET_S))
+            cpu = {
+                "app": _delta(armed["cpu_before"][0], server.cpu_seconds()),
+                "pg": _delta(armed["cpu_before"][1], self.pg_cpu()),
+            }
+            self.check("threshold crossing: top-ups settled", full=True)
+            verified = asyncio.run(topups.verify(dsn, watched, armed["started_at"]))
+        except Exception as exc:
+            detail = f"{type(exc).__name__}: {exc}"[:500]
+            self.crossing |= {"status": "failed", "detail": detail}
+            self.failures.append(f"threshold crossing: {detail}")
+            self.say(f"  threshold crossing: FAILED: {detail}")
+            if watched:
+                self._crossing_cleanup(server, buyers)
+            return
+        self.crossing = report.threshold_crossing(
+            self.rows,
+            row,
+            verified,
+            setup=self.crossing
+            | {
+                "threshold": f"balance - 1..{spread} (seeded) when set (after the warm-up)",
+                "top_up_tokens": topups.TOP_UP_TOKENS,
+                "policies_set_s": armed["set_s"],
+                "quiet": quiet,
+            },
+            cpu_to_quiet=cpu,
+        )
+        if not quiet["quiet"]:
+            self.failures.append(
+                f"threshold crossing: top-ups still at work {CROSSING_QUIET_S:g}s after the load:"
+                f" {quiet['left']}"
+            )
+        if not verified["matched"]:
+            self.failures.append(f"threshold crossing: {report.top_ups_line(verified)}")
+        self.crossing["cleanup"] = self._crossing_cleanup(server, buyers)
+        self.say(f"  {report.crossing_line(self.crossing)}")
+
+    def _crossing_cleanup(self, server: Server, buyers: list[topups.Buyer]) -> dict[str, Any]:
+        """The policies turned off (``disableAutoTopUp``) and each wallet signalled again, so
+        that its band is the alerts' alone: the workloads after see the seeded state."""
+        assert self.db is not None
+        dsn = self.db.dsn
+        orgs = [b.org for b in buyers]
+        try:
+            asyncio.run(topups.disable_policies(server.url, buyers))
+            asyncio.run(topups.resignal(dsn, orgs))
+            quiet = asyncio.run(topups.wait_quiet(dsn, orgs, 30))
+            left = asyncio.run(topups.bands(dsn, orgs))
+        except Exception as exc:
+            detail = f"{type(exc).__name__}: {exc}"[:500]
+            self.notes.append(f"threshold crossing: turning the policies off failed: {detail}")
+            return {"ok": False}
+        watching = sum(1 for below, _ in left.values() if (below or 0) > database.LOW_ALERT_TOKENS)
+        if watching or not quiet["quiet"]:
+            self.notes.append(
+                f"threshold crossing: after turning the policies off, {watching} wallets still watch a"
+                f" threshold (jobs: {quiet['left']})"
+            )
+        self.check("threshold crossing: policies off")
+        ok = not watching and quiet["quiet"]
+        return {"ok": ok, "seconds": quiet["seconds"], "still_watching": watching}
 
     def webhook_burst(self, server: Server, workers: int) -> None:
         assert self.db is not None and self.seeded is not None
@@ -437,8 +697,10 @@ class Bench:
             "ratios": report.ratios(self.rows),
             "storage": self.storage,
             "webhook_burst": self.webhook,
+            "signal_cost": self.signal,
+            "threshold_crossing": self.crossing,
             "checks": [c.as_json() for c in self.checks],
-            "targets": report.targets(self.rows, self.storage, self.webhook),
+            "targets": report.targets(self.rows, self.storage, self.webhook, self.signal, self.crossing),
             "notes": self.notes,
             "failures": self.failures,
             "ok": not self.failures,
