@@ -10,6 +10,7 @@ notification's cause, a duty's period).
 
 from __future__ import annotations
 
+import uuid
 from datetime import timedelta
 from typing import Any
 
@@ -33,3 +34,15 @@ async def enqueue(
         ENQUEUE, entrypoint, orjson.dumps(payload).decode(), dedupe_key, delay
     )
     return job_id
+
+
+SIGNAL_WALLET = (
+    "SELECT job_enqueue('wallet.signal', json_build_object('wallet_id', id)::text) "
+    "FROM wallets WHERE organization_id = $1"
+)
+
+
+async def signal_wallet(connection: Any, organization_id: uuid.UUID) -> None:
+    """Asks for the organization's wallet to be evaluated by the wallet-change signal's
+    listeners now (a threshold set or removed, a top-up settled), as a change would."""
+    await connection.execute(SIGNAL_WALLET, organization_id)

@@ -9,10 +9,9 @@ from typing import Self
 import strawberry
 
 from orgwallet.schema.context import Info
-from orgwallet.schema.purchases import Purchase, TokenPackage
+from orgwallet.schema.purchases import Purchase, TokenPackage, package_of
 from orgwallet.schema.scalars import BigInt
 from orgwallet.services import autotopup as topup_service
-from orgwallet.services import pricing
 
 AutoTopUpMethod = strawberry.enum(topup_service.AutoTopUpMethod, name="AutoTopUpMethod")
 ScheduleInterval = strawberry.enum(topup_service.ScheduleInterval, name="ScheduleInterval")
@@ -84,13 +83,7 @@ class AutoTopUpPolicy:
 
     @strawberry.field(description="FIXED: the package bought, at the organization's price.")
     async def package(self, info: Info) -> TokenPackage | None:
-        if self._package_id is None:
-            return None
-        async with info.context.reading() as session:
-            for item in await pricing.priced_packages(session, self._organization_id, include_archived=True):
-                if item.package.id == self._package_id:
-                    return TokenPackage.of(item)
-        return None
+        return await package_of(info, self._organization_id, self._package_id)
 
 
 @strawberry.input

@@ -13,7 +13,7 @@ from strawberry.scalars import JSON
 
 from orgwallet.schema.context import Info
 from orgwallet.schema.scalars import BigInt
-from orgwallet.schema.types import uuid_ids
+from orgwallet.schema.types import page_info, uuid_ids
 from orgwallet.services import alerts as alert_service
 from orgwallet.services import notifications as notification_service
 
@@ -98,12 +98,7 @@ async def notification_connection(
     ]
     return NotificationConnection(
         edges=edges,
-        page_info=relay.PageInfo(
-            has_next_page=page.has_next,
-            has_previous_page=after is not None,
-            start_cursor=edges[0].cursor if edges else None,
-            end_cursor=edges[-1].cursor if edges else None,
-        ),
+        page_info=page_info([e.cursor for e in edges], has_next=page.has_next, after=after),
         unread_count=page.unread,
     )
 

@@ -16,6 +16,7 @@ from orgwallet.errors import OrgWalletError
 from orgwallet.schema.context import Info
 from orgwallet.schema.errors import Conflict, IdempotencyConflict, InvalidInput, NotFound, UserError
 from orgwallet.schema.scalars import BigInt
+from orgwallet.schema.types import page_info
 from orgwallet.services import pricing
 from orgwallet.services import purchases as purchase_service
 
@@ -151,6 +152,19 @@ class OrganizationPrice:
         )
 
 
+async def package_of(
+    info: Info, organization_id: uuid.UUID, package_id: uuid.UUID | None
+) -> TokenPackage | None:
+    """A package (archived ones too) at the price the organization pays today."""
+    if package_id is None:
+        return None
+    async with info.context.reading() as session:
+        for item in await pricing.priced_packages(session, organization_id, include_archived=True):
+            if item.package.id == package_id:
+                return TokenPackage.of(item)
+    return None
+
+
 @strawberry.type
 class Purchase(relay.Node):
     id: relay.NodeID[str]
@@ -207,13 +221,7 @@ class Purchase(relay.Node):
 
     @strawberry.field(description="The package bought (null for a custom amount), at today's price.")
     async def package(self, info: Info) -> TokenPackage | None:
-        if self._package_id is None:
-            return None
-        async with info.context.reading() as session:
-            for item in await pricing.priced_packages(session, self._organization_id, include_archived=True):
-                if item.package.id == self._package_id:
-                    return TokenPackage.of(item)
-        return None
+        return await package_of(info, self._organization_id, self._package_id)
 
     @classmethod
     async def resolve_nodes(  # type: ignore[override]
@@ -270,12 +278,7 @@ async def purchase_connection(
     ]
     return PurchaseConnection(
         edges=edges,
-        page_info=relay.PageInfo(
-            has_next_page=page.has_next,
-            has_previous_page=after is not None,
-            start_cursor=edges[0].cursor if edges else None,
-            end_cursor=edges[-1].cursor if edges else None,
-        ),
+        page_info=page_info([e.cursor for e in edges], has_next=page.has_next, after=after),
     )
 
 

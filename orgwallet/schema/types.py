@@ -48,6 +48,16 @@ class Role(Enum):
         return models.Role(self.value)
 
 
+def page_info(cursors: list[str], *, has_next: bool, after: str | None) -> relay.PageInfo:
+    """The PageInfo of a forward page whose edges have ``cursors``."""
+    return relay.PageInfo(
+        has_next_page=has_next,
+        has_previous_page=after is not None,
+        start_cursor=cursors[0] if cursors else None,
+        end_cursor=cursors[-1] if cursors else None,
+    )
+
+
 def uuid_ids(node_ids: Iterable[str]) -> list[uuid.UUID | None]:
     out: list[uuid.UUID | None] = []
     for node_id in node_ids:

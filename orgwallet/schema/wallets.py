@@ -29,6 +29,7 @@ from orgwallet.schema.errors import (
     WalletSuspended,
 )
 from orgwallet.schema.scalars import BigInt
+from orgwallet.schema.types import page_info
 from orgwallet.services import access
 from orgwallet.services import wallets as wallet_service
 
@@ -295,12 +296,7 @@ class Wallet(relay.Node):
         edges = [LedgerEntryEdge(cursor=encode_cursor(e.seq), node=LedgerEntry.of(e)) for e in page.entries]
         return LedgerEntryConnection(
             edges=edges,
-            page_info=relay.PageInfo(
-                has_next_page=page.has_next,
-                has_previous_page=after is not None,
-                start_cursor=edges[0].cursor if edges else None,
-                end_cursor=edges[-1].cursor if edges else None,
-            ),
+            page_info=page_info([e.cursor for e in edges], has_next=page.has_next, after=after),
         )
 
     @classmethod

@@ -22,10 +22,11 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from orgwallet import ledger
+from orgwallet import jobs, ledger
 from orgwallet.auth.permissions import Permission
 from orgwallet.auth.principals import Principal
 from orgwallet.config import Settings
+from orgwallet.db.engine import transaction_connection
 from orgwallet.errors import Conflict, InvalidInput, NotFound
 from orgwallet.services import access, audit, notifications, validation
 from orgwallet.services.notifications import NotificationKind
@@ -107,15 +108,7 @@ async def get_alert(session: AsyncSession, principal: Principal, alert_id: uuid.
 
 
 async def _resignal(session: AsyncSession, organization_id: uuid.UUID) -> None:
-    """Asks for the wallet to be evaluated now (an alert added above the balance fires at
-    once; a removed one stops being watched)."""
-    await session.execute(
-        text(
-            "SELECT job_enqueue('wallet.signal', json_build_object('wallet_id', id)::text) "
-            "FROM wallets WHERE organization_id = :org"
-        ),
-        {"org": organization_id},
-    )
+    await jobs.signal_wallet(await transaction_connection(session), organization_id)
 
 
 async def add_alert(

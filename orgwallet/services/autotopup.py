@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from orgwallet import ledger
+from orgwallet import jobs, ledger
 from orgwallet.auth.permissions import Permission
 from orgwallet.auth.principals import Principal
 from orgwallet.config import Settings
@@ -417,14 +417,7 @@ async def disable_policy(session: AsyncSession, principal: Principal, organizati
 
 
 async def _resignal(session: AsyncSession, organization_id: uuid.UUID) -> None:
-    """The wallet is evaluated again (a new threshold may already be crossed; a top-up settled)."""
-    await session.execute(
-        text(
-            "SELECT job_enqueue('wallet.signal', json_build_object('wallet_id', id)::text) "
-            "FROM wallets WHERE organization_id = :org"
-        ),
-        {"org": organization_id},
-    )
+    await jobs.signal_wallet(await transaction_connection(session), organization_id)
 
 
 # ---------------------------------------------------------------- triggers

@@ -10,7 +10,6 @@ and enqueues their ``mail.send`` jobs: all of it commits or rolls back with the 
 
 from __future__ import annotations
 
-import base64
 import enum
 import json
 import uuid
@@ -27,7 +26,7 @@ from orgwallet.auth.principals import Principal
 from orgwallet.db.engine import transaction_connection
 from orgwallet.db.models import Role
 from orgwallet.errors import InvalidInput, NotFound
-from orgwallet.services import access
+from orgwallet.services import access, validation
 
 MAX_PAGE = 200
 
@@ -124,17 +123,7 @@ async def notify(
 
 
 def encode_cursor(notification_id: uuid.UUID) -> str:
-    return base64.urlsafe_b64encode(f"notification:{notification_id}".encode()).decode()
-
-
-def decode_cursor(cursor: str) -> uuid.UUID:
-    try:
-        prefix, _, value = base64.urlsafe_b64decode(cursor.encode()).decode().partition(":")
-        if prefix != "notification":
-            raise ValueError(prefix)
-        return uuid.UUID(value)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidInput("after is not a cursor of this connection", field="after") from exc
+    return validation.id_cursor("notification", notification_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,7 +163,7 @@ async def list_notifications(
     await access.authorize(session, principal, organization_id, Permission.TOKENS_VIEW)
     if not 0 <= first <= MAX_PAGE:
         raise InvalidInput(f"first must be between 0 and {MAX_PAGE}", field="first")
-    before = None if after is None else decode_cursor(after)
+    before = None if after is None else validation.id_after("notification", after)
     rows = (
         await session.execute(
             text(

@@ -20,7 +20,6 @@ in Stripe what it needs before the event's transaction (``awaits_credit``,
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import uuid
@@ -703,17 +702,7 @@ class PurchasePage:
 
 
 def encode_cursor(purchase_id: uuid.UUID) -> str:
-    return base64.urlsafe_b64encode(f"purchase:{purchase_id}".encode()).decode()
-
-
-def decode_cursor(cursor: str) -> uuid.UUID:
-    try:
-        prefix, _, value = base64.urlsafe_b64decode(cursor.encode()).decode().partition(":")
-        if prefix != "purchase":
-            raise ValueError(prefix)
-        return uuid.UUID(value)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidInput("after is not a cursor of this connection", field="after") from exc
+    return validation.id_cursor("purchase", purchase_id)
 
 
 async def list_purchases(
@@ -732,7 +721,7 @@ async def list_purchases(
         raise InvalidInput(f"first must be between 0 and {MAX_PAGE}", field="first")
     statement = select(Purchase).where(col(Purchase.organization_id) == organization_id)
     if after is not None:
-        statement = statement.where(col(Purchase.id) < decode_cursor(after))
+        statement = statement.where(col(Purchase.id) < validation.id_after("purchase", after))
     if statuses:
         statement = statement.where(col(Purchase.status).in_([s.value for s in statuses]))
     rows = list(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import re
 import uuid
 
@@ -74,3 +75,19 @@ def global_id(value: object, type_name: str, field: str) -> uuid.UUID:
     if gid.type_name != type_name:
         raise NotFound(f"{type_name} not found")
     return node_id
+
+
+def id_cursor(kind: str, object_id: uuid.UUID) -> str:
+    """A page cursor of a connection ordered by time-ordered ids (UUID v7), newest first."""
+    return base64.urlsafe_b64encode(f"{kind}:{object_id}".encode()).decode()
+
+
+def id_after(kind: str, cursor: str) -> uuid.UUID:
+    """The id an ``id_cursor`` of ``kind`` names; ``InvalidInput(field="after")`` otherwise."""
+    try:
+        prefix, _, value = base64.urlsafe_b64decode(cursor.encode()).decode().partition(":")
+        if prefix != kind:
+            raise ValueError(prefix)
+        return uuid.UUID(value)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInput("after is not a cursor of this connection", field="after") from exc
