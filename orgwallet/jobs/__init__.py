@@ -15,6 +15,9 @@ from datetime import timedelta
 from typing import Any
 
 import orjson
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from orgwallet.db.engine import transaction_connection
 
 ENQUEUE = "SELECT job_enqueue($1, $2, $3, $4)"
 
@@ -42,7 +45,8 @@ SIGNAL_WALLET = (
 )
 
 
-async def signal_wallet(connection: Any, organization_id: uuid.UUID) -> None:
-    """Asks for the organization's wallet to be evaluated by the wallet-change signal's
-    listeners now (a threshold set or removed, a top-up settled), as a change would."""
-    await connection.execute(SIGNAL_WALLET, organization_id)
+async def signal_wallet(session: AsyncSession, organization_id: uuid.UUID) -> None:
+    """Asks, in the session's transaction, for the organization's wallet to be evaluated by the
+    wallet-change signal's listeners now (a threshold set or removed, a top-up settled), as a
+    change would."""
+    await (await transaction_connection(session)).execute(SIGNAL_WALLET, organization_id)

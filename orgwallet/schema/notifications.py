@@ -13,7 +13,7 @@ from strawberry.scalars import JSON
 
 from orgwallet.schema.context import Info
 from orgwallet.schema.scalars import BigInt
-from orgwallet.schema.types import page_info, uuid_ids
+from orgwallet.schema.types import nodes_via, page_info
 from orgwallet.services import alerts as alert_service
 from orgwallet.services import notifications as notification_service
 
@@ -46,18 +46,7 @@ class Notification(relay.Node):
     async def resolve_nodes(  # type: ignore[override]
         cls, *, info: Info, node_ids: Iterable[str], required: bool = False
     ) -> list[Self | None]:
-        out: list[Self | None] = []
-        async with info.context.reading() as session:
-            for notification_id in uuid_ids(node_ids):
-                row = (
-                    await notification_service.get_notification(
-                        session, info.context.principal, notification_id
-                    )
-                    if notification_id
-                    else None
-                )
-                out.append(cls.of(row) if row else None)
-        return out
+        return await nodes_via(info, node_ids, notification_service.get_notification, cls.of)
 
 
 @strawberry.type
@@ -127,16 +116,7 @@ class BalanceAlert(relay.Node):
     async def resolve_nodes(  # type: ignore[override]
         cls, *, info: Info, node_ids: Iterable[str], required: bool = False
     ) -> list[Self | None]:
-        out: list[Self | None] = []
-        async with info.context.reading() as session:
-            for alert_id in uuid_ids(node_ids):
-                row = (
-                    await alert_service.get_alert(session, info.context.principal, alert_id)
-                    if alert_id
-                    else None
-                )
-                out.append(cls.of(row) if row else None)
-        return out
+        return await nodes_via(info, node_ids, alert_service.get_alert, cls.of)
 
 
 @strawberry.input

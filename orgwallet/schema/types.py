@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import date, datetime
 from enum import Enum
-from typing import TYPE_CHECKING, Annotated, Any, Self
+from typing import TYPE_CHECKING, Annotated, Any, Self, TypeVar
 
 import strawberry
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 from strawberry import relay
 
 from orgwallet import errors
 from orgwallet.auth.permissions import ROLE_PERMISSIONS, Permission, sorted_permissions
-from orgwallet.auth.principals import ApiKeyPrincipal, UserPrincipal
+from orgwallet.auth.principals import ApiKeyPrincipal, Principal, UserPrincipal
 from orgwallet.db import models
 from orgwallet.errors import OrgWalletError
 from orgwallet.schema.context import Info
@@ -56,6 +57,26 @@ def page_info(cursors: list[str], *, has_next: bool, after: str | None) -> relay
         start_cursor=cursors[0] if cursors else None,
         end_cursor=cursors[-1] if cursors else None,
     )
+
+
+R = TypeVar("R")
+N = TypeVar("N")
+
+
+async def nodes_via(
+    info: Info,
+    node_ids: Iterable[str],
+    fetch: Callable[[AsyncSession, Principal, uuid.UUID], Awaitable[R | None]],
+    of: Callable[[R], N],
+) -> list[N | None]:
+    """``resolve_nodes`` through a service reader that answers None for what the caller may not
+    see (another organization's object is not found)."""
+    out: list[N | None] = []
+    async with info.context.reading() as session:
+        for node_id in uuid_ids(node_ids):
+            row = None if node_id is None else await fetch(session, info.context.principal, node_id)
+            out.append(None if row is None else of(row))
+    return out
 
 
 def uuid_ids(node_ids: Iterable[str]) -> list[uuid.UUID | None]:

@@ -96,6 +96,16 @@ async def authorize(
     return check(await access(session, principal, organization_id), permission)
 
 
+async def can_view(session: AsyncSession, principal: Principal, organization_id: uuid.UUID) -> bool:
+    """Whether the principal may see the organization's objects (tokens.view): False for
+    another organization's, which its readers then answer as not found."""
+    try:
+        await authorize(session, principal, organization_id, Permission.TOKENS_VIEW)
+    except NotFound:
+        return False
+    return True
+
+
 def readable_organizations(principal: Principal) -> SelectOfScalar[Organization]:
     """Organizations the principal may see, as a statement to refine: no tenant filter to forget."""
     statement = select(Organization)

@@ -26,7 +26,6 @@ from orgwallet import jobs, ledger
 from orgwallet.auth.permissions import Permission
 from orgwallet.auth.principals import Principal
 from orgwallet.config import Settings
-from orgwallet.db.engine import transaction_connection
 from orgwallet.errors import Conflict, InvalidInput, NotFound
 from orgwallet.services import access, audit, notifications, validation
 from orgwallet.services.notifications import NotificationKind
@@ -100,15 +99,9 @@ async def get_alert(session: AsyncSession, principal: Principal, alert_id: uuid.
     ).one_or_none()
     if row is None:
         return None
-    try:
-        await access.authorize(session, principal, row.organization_id, Permission.TOKENS_VIEW)
-    except NotFound:
+    if not await access.can_view(session, principal, row.organization_id):
         return None
     return _alert(row)
-
-
-async def _resignal(session: AsyncSession, organization_id: uuid.UUID) -> None:
-    await jobs.signal_wallet(await transaction_connection(session), organization_id)
 
 
 async def add_alert(
@@ -143,7 +136,7 @@ async def add_alert(
     ).one_or_none()
     if row is None:
         raise Conflict(f"an alert at {value} tokens exists already")
-    await _resignal(session, organization_id)
+    await jobs.signal_wallet(session, organization_id)
     await audit.record(
         session,
         principal,
@@ -162,7 +155,7 @@ async def remove_alert(session: AsyncSession, principal: Principal, alert_id: uu
         raise NotFound("balance alert not found")
     await access.authorize(session, principal, alert.organization_id, Permission.TOKENS_CONFIGURE)
     await session.execute(text("DELETE FROM balance_alerts WHERE id = :id"), {"id": alert_id})
-    await _resignal(session, alert.organization_id)
+    await jobs.signal_wallet(session, alert.organization_id)
     await audit.record(
         session,
         principal,

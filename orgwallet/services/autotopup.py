@@ -385,7 +385,7 @@ async def set_policy(
         before=None if before is None else before.snapshot(),
         after=policy.snapshot(),
     )
-    await _resignal(session, organization_id)
+    await jobs.signal_wallet(session, organization_id)
     return policy
 
 
@@ -414,10 +414,6 @@ async def disable_policy(session: AsyncSession, principal: Principal, organizati
         after=policy.snapshot(),
     )
     return policy
-
-
-async def _resignal(session: AsyncSession, organization_id: uuid.UUID) -> None:
-    await jobs.signal_wallet(await transaction_connection(session), organization_id)
 
 
 # ---------------------------------------------------------------- triggers
@@ -684,7 +680,7 @@ async def on_paid(session: AsyncSession, purchase: Purchase) -> None:
         body=f"An automatic top-up ({purchase.reference}) added {purchase.tokens:,} tokens to the wallet.",
         data={"purchaseId": str(purchase.id), "reference": purchase.reference, "tokens": purchase.tokens},
     )
-    await _resignal(session, purchase.organization_id)
+    await jobs.signal_wallet(session, purchase.organization_id)
 
 
 async def on_failed(session: AsyncSession, purchase: Purchase, now: datetime | None) -> None:
@@ -730,7 +726,7 @@ async def on_failed(session: AsyncSession, purchase: Purchase, now: datetime | N
             f"{purchase.failure_reason or 'the payment failed'}",
             purchase_id=purchase.id,
         )
-    await _resignal(session, purchase.organization_id)
+    await jobs.signal_wallet(session, purchase.organization_id)
 
 
 async def _turn_off(

@@ -185,15 +185,20 @@ async def list_notifications(
             },
         )
     ).all()
+    unread = await _unread(session, organization_id)
+    return NotificationPage(
+        notifications=[_notification(r) for r in rows[:first]],
+        has_next=len(rows) > first,
+        unread=unread,
+    )
+
+
+async def _unread(session: AsyncSession, organization_id: uuid.UUID) -> int:
     unread = await session.scalar(
         text("SELECT count(*) FROM notifications WHERE organization_id = :org AND read_at IS NULL"),
         {"org": organization_id},
     )
-    return NotificationPage(
-        notifications=[_notification(r) for r in rows[:first]],
-        has_next=len(rows) > first,
-        unread=int(unread or 0),
-    )
+    return int(unread or 0)
 
 
 async def get_notification(
@@ -208,9 +213,7 @@ async def get_notification(
     ).one_or_none()
     if row is None:
         return None
-    try:
-        await access.authorize(session, principal, row.organization_id, Permission.TOKENS_VIEW)
-    except NotFound:
+    if not await access.can_view(session, principal, row.organization_id):
         return None
     return _notification(row)
 
@@ -236,11 +239,8 @@ async def mark_read(
         ),
         {"org": organization_id, "ids": None if notification_ids is None else list(notification_ids)},
     )
-    unread = await session.scalar(
-        text("SELECT count(*) FROM notifications WHERE organization_id = :org AND read_at IS NULL"),
-        {"org": organization_id},
-    )
-    return int(marked.rowcount), int(unread or 0)  # type: ignore[attr-defined]
+    unread = await _unread(session, organization_id)
+    return int(marked.rowcount), unread  # type: ignore[attr-defined]
 
 
 async def set_email_notifications(

@@ -688,9 +688,7 @@ async def get_purchase(
     row = await session.get(Purchase, purchase_id, populate_existing=True)
     if row is None:
         return None
-    try:
-        await access.authorize(session, principal, row.organization_id, Permission.TOKENS_VIEW)
-    except NotFound:
+    if not await access.can_view(session, principal, row.organization_id):
         return None
     return row
 
@@ -1152,21 +1150,41 @@ async def apply_refund(
         after=_purchase_snapshot(purchase)
         | {"refunded_minor": refunded, "clawed_back": taken, "shortfall": short, "stripe_event": event_id},
     )
+    await _tell_taken_back(
+        session,
+        purchase,
+        key=f"purchase-refunded:{purchase.id}:{refunded}",
+        title=f"Purchase {purchase.reference} refunded",
+        what=f"{format_amount(refunded, purchase.currency)} of purchase {purchase.reference} was refunded",
+        taken=taken,
+        short=short,
+        data={"refundedMinor": refunded},
+    )
+    return "refunded"
+
+
+async def _tell_taken_back(
+    session: AsyncSession,
+    purchase: Purchase,
+    *,
+    key: str,
+    title: str,
+    what: str,
+    taken: int,
+    short: int,
+    data: dict[str, Any],
+) -> None:
+    """PURCHASE_REFUNDED, for a refund or a dispute: what happened, and the tokens it took back."""
     await notifications.notify(
         session,
         purchase.organization_id,
         NotificationKind.PURCHASE_REFUNDED,
-        key=f"purchase-refunded:{purchase.id}:{refunded}",
-        title=f"Purchase {purchase.reference} refunded",
-        body=(
-            f"{format_amount(refunded, purchase.currency)} of purchase {purchase.reference} was refunded; "
-            f"{taken:,} tokens were taken back from the wallet"
-            + (f" ({short:,} had been spent already)." if short else ".")
-        ),
-        data=_notice_data(purchase)
-        | {"refundedMinor": refunded, "tokensTakenBack": taken, "shortfall": short},
+        key=key,
+        title=title,
+        body=f"{what}; {taken:,} tokens were taken back from the wallet"
+        + (f" ({short:,} had been spent already)." if short else "."),
+        data=_notice_data(purchase) | data | {"tokensTakenBack": taken, "shortfall": short},
     )
-    return "refunded"
 
 
 class StripeNotRead(RuntimeError):
@@ -1225,18 +1243,15 @@ async def apply_dispute(
         after=_purchase_snapshot(purchase)
         | {"dispute": dispute_id, "clawed_back": taken, "shortfall": short, "stripe_event": event_id},
     )
-    await notifications.notify(
+    await _tell_taken_back(
         session,
-        purchase.organization_id,
-        NotificationKind.PURCHASE_REFUNDED,
+        purchase,
         key=f"purchase-disputed:{purchase.id}:{dispute_id}",
         title=f"Purchase {purchase.reference} disputed",
-        body=(
-            f"The payment of purchase {purchase.reference} is disputed with the bank; "
-            f"{taken:,} tokens were taken back from the wallet"
-            + (f" ({short:,} had been spent already)." if short else ".")
-        ),
-        data=_notice_data(purchase) | {"dispute": dispute_id, "tokensTakenBack": taken, "shortfall": short},
+        what=f"The payment of purchase {purchase.reference} is disputed with the bank",
+        taken=taken,
+        short=short,
+        data={"dispute": dispute_id},
     )
     return "disputed"
 
