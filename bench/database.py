@@ -16,7 +16,7 @@ from sqlalchemy.engine import make_url
 from strawberry.relay import to_base64
 
 from orgwallet.auth import api_keys as key_secrets
-from orgwallet.db.engine import asyncpg_url
+from orgwallet.db.engine import asyncpg_url, pgserver_module
 from orgwallet.db.migrate import upgrade
 
 #: Wallets and organizations get predictable ids, so that pgbench (which only has integer
@@ -135,9 +135,7 @@ def start(workdir: Path, url: str | None) -> Database:
         bench_url = parsed.set(database=name).render_as_string(hide_password=False)
         db = Database(url=bench_url, name=name, postmaster_pid=None, _admin_dsn=admin_dsn)
     else:
-        import pgserver
-
-        server = pgserver.get_server(workdir / "pg", cleanup_mode="delete")
+        server = pgserver_module().get_server(workdir / "pg", cleanup_mode="delete")
         server.psql(f"CREATE DATABASE {name};")
         db = Database(
             url=asyncpg_url(server.get_uri(), name),

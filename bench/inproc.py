@@ -87,6 +87,7 @@ async def webhook_requests(
     makes them, but through the app in process."""
 
     buyers = await webhooks.purchase_keys(db, seeded.many[:20])
+    stripe_key = f"Bearer {app.state.runtime.settings.simulator_secret_key}".encode()
     bodies = []
     for i in range(round(n * 0.7)):
         org, key = buyers[i % len(buyers)]
@@ -111,7 +112,7 @@ async def webhook_requests(
                 app,
                 "GET",
                 f"/_stripe/v1/checkout/sessions/{session_id}",
-                [(b"authorization", b"Bearer sk_test_bench")],
+                [(b"authorization", stripe_key)],
                 b"",
             )
         )

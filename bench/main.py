@@ -285,7 +285,7 @@ class Bench:
             if workers == min(p.workers) == 1:
                 buyers = self.crossing_setup(server)
             elif workers == min(p.workers):
-                detail = "needs the 1-worker server (the Stripe simulator keeps its state per process)"
+                detail = "measured once per run, on the 1-worker server"
                 self.crossing = {"status": "not measured", "detail": detail}
             for name, kind, mode, data, rate in plan:
                 self.workload(server, workers, name, kind, mode, data, rate)
@@ -475,8 +475,8 @@ class Bench:
     def crossing_setup(self, server: Server) -> list[topups.Buyer] | None:
         """Before the threshold crossing, not measured: the last ``crossing_wallets`` seeded
         organizations (away from the webhook burst's buyers, the first 20) get a key that may
-        buy and configure, and a card saved through the real flow on this server (its Stripe
-        simulator keeps its state in memory); their wallets go into the Lua data "crossing"."""
+        buy and configure, and a card saved through the real flow on this server (the way a
+        customer saves one); their wallets go into the Lua data "crossing"."""
         assert self.db is not None and self.seeded is not None
         count = min(self.profile.crossing_wallets, len(self.seeded.many))
         orgs = self.seeded.many[-count:]
@@ -630,7 +630,8 @@ class Bench:
         unique = round(p.webhook_events * (1 - p.duplicate_share))
         try:
             buyers = asyncio.run(webhooks.purchase_keys(self.db, self.seeded.many[:20]))
-            bodies, purchases = webhooks.prepare(server.url, buyers, unique)
+            stripe_key = webhooks.simulator_key(self.workdir / "home")
+            bodies, purchases = webhooks.prepare(server.url, buyers, unique, stripe_key)
         except Exception as exc:  # the route exists but this bench cannot feed it (yet)
             self.webhook[key] = {"status": "not measured", "detail": f"{type(exc).__name__}: {exc}"[:500]}
             self.say(f"  webhook burst: not measured: {self.webhook[key]['detail']}")

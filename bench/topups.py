@@ -1,14 +1,14 @@
 """The threshold-crossing workload's setup and its exact check (automatic top-ups, migration 0008).
 
-Setup, through the running server (its Stripe simulator keeps its state in memory, so a saved
-card must be saved there): an API key per organization with tokens.view, tokens.purchase and
-tokens.configure; ``setupPaymentMethod``, whose hosted page is paid with the test card 4242 4242
-4242 4242 as a browser posts its form; the simulator's webhook then saves the card as the
-organization's default. Right before the measured load, ``setAutoTopUp``: a threshold a random
-number of tokens below each wallet's balance (read once the warm-up's last consumptions have
-landed), up to about twice what one wallet spends in the load, and a FIXED top-up far larger
-than what the run can spend from one wallet, so that about half the wallets cross their
-threshold, at most once and at times spread over the load, and the top-up lifts them well above.
+Setup, through the running server (a card is saved the way a customer saves one): an API key per
+organization with tokens.view, tokens.purchase and tokens.configure; ``setupPaymentMethod``, whose
+hosted page is paid with the test card 4242 4242 4242 4242 as a browser posts its form; the
+simulator's webhook then saves the card as the organization's default. Right before the measured
+load, ``setAutoTopUp``: a threshold a random number of tokens below each wallet's balance (read once
+the warm-up's last consumptions have landed), up to about twice what one wallet spends in the load,
+and a FIXED top-up far larger than what the run can spend from one wallet, so that about half the
+wallets cross their threshold, at most once and at times spread over the load, and the top-up lifts
+them well above.
 
 The check, once the jobs are done: per wallet, the crossings are read from the ledger (an entry
 that takes the balance from at or above the threshold to below it while no top-up of that

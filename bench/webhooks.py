@@ -4,8 +4,9 @@ duplicates delivered concurrently with their original, POSTed to /webhooks/strip
 The events are what Stripe sends when a Checkout Session is paid
 (``checkout.session.completed``, ``payment_status = paid``): for each purchase the bench
 starts through the public API (``startCheckout``), it reads the session from the Stripe
-simulator the server mounts at ``/_stripe`` and signs the event with the server's webhook
-secret. Where the route does not exist yet (404) the workload is skipped and says so.
+simulator the server mounts at ``/_stripe`` (with the key the server generated in its home,
+``simulator_key``) and signs the event with the server's webhook secret. Where the route does
+not exist yet (404) the workload is skipped and says so.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from strawberry.relay import from_base64
 
 from bench.database import Database, Org
 from orgwallet.auth import api_keys as key_secrets
+from orgwallet.config import Settings
 
 START_CHECKOUT = """
 mutation Start($org: ID!, $tokens: BigInt!, $key: String!) {
@@ -44,6 +46,11 @@ def probe(base_url: str) -> int:
     """The status of an unsigned POST: 404 means the route is not there (yet)."""
     response = httpx.post(f"{base_url}/webhooks/stripe", content=b"{}", timeout=10)
     return response.status_code
+
+
+def simulator_key(home: Path) -> str:
+    """The only key the Stripe simulator of a server with this ``ORGWALLET_HOME`` accepts."""
+    return Settings(home=home).simulator_secret_key
 
 
 def signature(payload: bytes, secret: str, timestamp: int) -> str:
@@ -77,9 +84,11 @@ async def purchase_keys(db: Database, orgs: list[Org]) -> list[tuple[Org, str]]:
         await conn.close()
 
 
-def prepare(base_url: str, buyers: list[tuple[Org, str]], unique: int) -> tuple[list[bytes], list[uuid.UUID]]:
+def prepare(
+    base_url: str, buyers: list[tuple[Org, str]], unique: int, stripe_key: str
+) -> tuple[list[bytes], list[uuid.UUID]]:
     """``unique`` ``checkout.session.completed`` events (raw bodies), one per new purchase, and
-    the purchases' ids."""
+    the purchases' ids. ``stripe_key``: the server's simulator key (``simulator_key``)."""
     bodies, purchases = [], []
     with httpx.Client(base_url=base_url, timeout=30) as http:
         for i in range(unique):
@@ -101,7 +110,7 @@ def prepare(base_url: str, buyers: list[tuple[Org, str]], unique: int) -> tuple[
                 raise RuntimeError(f"no Checkout Session id in {result['checkoutUrl']!r}")
             session = http.get(
                 f"/_stripe/v1/checkout/sessions/{found.group(0)}",
-                headers={"Authorization": "Bearer sk_test_bench"},
+                headers={"Authorization": f"Bearer {stripe_key}"},
             )
             if session.status_code != 200:
                 raise RuntimeError(f"the Stripe simulator answered {session.status_code} for the session")

@@ -1,7 +1,8 @@
-"""The FastAPI application: /graphql, /webhooks/stripe, /healthz, /readyz; in development,
-/_stripe (the offline Stripe simulator, when no real Stripe key is configured) and /_mail (the
-e-mail outbox, when no SMTP server is configured). Unless ``ORGWALLET_WORKER=off``, a job
-worker runs in the server's process, started and stopped with the app."""
+"""The FastAPI application: /graphql, /webhooks/stripe, /healthz, /readyz, /metrics (for the
+holder of ORGWALLET_METRICS_TOKEN); in development, /_stripe (the offline Stripe simulator, when
+no real Stripe key is configured) and /_mail (the e-mail outbox, when no SMTP server is
+configured). Unless ``ORGWALLET_WORKER=off``, a job worker runs in the server's process,
+started and stopped with the app."""
 
 from __future__ import annotations
 
@@ -12,12 +13,16 @@ import logging
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import orjson
+from cross_web import HTTPException
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -27,10 +32,13 @@ from strawberry.asgi import GraphQL
 from orgwallet.auth.principals import Anonymous
 from orgwallet.config import Settings
 from orgwallet.errors import Unauthenticated
+from orgwallet.jobs.worker import HANDLERS as WORKER_HANDLERS
 from orgwallet.jobs.worker import run as run_worker
 from orgwallet.mailpage import outbox_route
+from orgwallet.metrics import metrics_route
 from orgwallet.runtime import Runtime
 from orgwallet.schema.context import Context
+from orgwallet.schema.limits import BodyTooLarge, DocumentCache, bounded, declared_length
 from orgwallet.schema.schema import build_schema
 from orgwallet.services.audit import request_id_var
 from orgwallet.webhooks import stripe_webhook_route
@@ -43,15 +51,24 @@ class GraphQLEndpoint(GraphQL[Context, None]):
     dependency injection cost more per request than most of our resolvers (about a fifth of
     a balance read's CPU), and the endpoint needs neither. JSON is read and written with
     orjson (a page of 100 ledger entries is some 20 KB of JSON). The request's context
-    (principal, read connection) is closed when the response has been sent."""
+    (principal, read connection) is closed when the response has been sent.
+
+    A request it refuses (malformed, too large, a failure of ours) is answered with a JSON
+    error (``{"errors": [{"message", "extensions": {"code"}}]}``), never a traceback; a body
+    over ``max_request_bytes`` is refused before it is read (413)."""
 
     def __init__(self, runtime: Runtime, **options: Any) -> None:
-        super().__init__(build_schema(runtime.settings), **options)
+        self.documents = DocumentCache()
+        super().__init__(build_schema(runtime.settings, self.documents), **options)
         self.runtime = runtime
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
+        if scope["type"] != "http":
             await super().__call__(scope, receive, send)
+            return
+        try:
+            response = await self._respond(scope, receive)
+            await response(scope, receive, send)
         finally:
             context = scope.get("state", {}).pop(_CONTEXT, None)
             if context is not None:
@@ -62,6 +79,8 @@ class GraphQLEndpoint(GraphQL[Context, None]):
         try:
             principal = await self.runtime.authenticate(request.headers.get("authorization"))
         except Unauthenticated as error:
+            # One line: a forged or stale credential is the caller's doing, not an incident.
+            log.warning("authentication failed: %s", error.message)
             principal, auth_error = Anonymous(), error.message
         context = Context(
             settings=self.runtime.settings,
@@ -73,8 +92,26 @@ class GraphQLEndpoint(GraphQL[Context, None]):
         request.scope.setdefault("state", {})[_CONTEXT] = context
         return context
 
+    async def _respond(self, scope: Scope, receive: Receive) -> Response:
+        limit = self.runtime.settings.max_request_bytes
+        too_large = _request_error(413, f"the request body is larger than {limit} bytes")
+        if (declared_length(Headers(scope=scope)) or 0) > limit:
+            return too_large
+        try:
+            return await self.run(Request(scope, receive=bounded(receive, limit)))
+        except HTTPException as error:
+            return _request_error(error.status_code, error.reason)
+        except BodyTooLarge:
+            return too_large
+        except Exception:
+            log.exception("the GraphQL request failed")
+            return _request_error(500, "Unexpected error.")
+
     def decode_json(self, data: str | bytes) -> object:
-        return orjson.loads(data)
+        value = orjson.loads(data)
+        if not isinstance(value, dict | list):  # a list is a batch, refused as such
+            raise HTTPException(400, "expected a JSON object")
+        return value
 
     def encode_json(self, data: object) -> bytes:
         try:
@@ -82,8 +119,26 @@ class GraphQLEndpoint(GraphQL[Context, None]):
         except TypeError:  # what orjson refuses (an integer past 64 bits...), json writes
             return json.dumps(data, separators=(",", ":")).encode()
 
+    @property
+    def graphql_ide_html(self) -> str:
+        """GraphiQL with its scripts served from the package (``/_graphiql``), not a CDN."""
+        return _GRAPHIQL_PAGE
+
 
 _CONTEXT = "orgwallet.context"
+_REQUEST_ERRORS = {400: "BAD_REQUEST", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "REQUEST_TOO_LARGE"}
+
+
+def _request_error(status: int, message: str) -> Response:
+    """A request refused before any operation ran, in the shape of a GraphQL error."""
+    code = _REQUEST_ERRORS.get(status, "INTERNAL_SERVER_ERROR")
+    body = {"errors": [{"message": message, "extensions": {"code": code}}]}
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+
+#: GraphiQL's page and assets (see its NOTICE.md), served at /_graphiql when GraphiQL is on.
+GRAPHIQL_ASSETS = Path(__file__).parent / "static" / "graphiql"
+_GRAPHIQL_PAGE = (GRAPHIQL_ASSETS / "index.html").read_text(encoding="utf-8")
 
 
 class RequestIdMiddleware:
@@ -105,10 +160,11 @@ class RequestIdMiddleware:
                 message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
             await send(message)
 
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            request_id_var.reset(token)
+        # Not reset when the app raises: the error's lines (the 500 and its traceback, written by
+        # Starlette and uvicorn outside this middleware) carry the id. A request is a task of
+        # its own under uvicorn, so the id goes no further.
+        await self.app(scope, receive, send_with_id)
+        request_id_var.reset(token)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -120,6 +176,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # as long as the process. Frozen out of the garbage collector's reach, it no longer makes
         # each full collection a pause of ~100 ms in the middle of requests (it was the p99).
         gc.freeze()
+        await runtime.stripe.start()  # the offline Stripe resumes deliveries a dead process left
         stop = asyncio.Event()
         worker = None
         if settings.worker == "embedded":
@@ -139,11 +196,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     graphql = GraphQLEndpoint(runtime, graphql_ide="graphiql" if settings.graphiql else None)
     # An ASGI app as a route's endpoint: Starlette calls it as it is (typed for functions only).
     app.add_route("/graphql", graphql, methods=["GET", "POST"])  # type: ignore[arg-type]
+    if settings.graphiql:
+        app.mount("/_graphiql", StaticFiles(directory=GRAPHIQL_ASSETS), name="graphiql")
     app.router.routes.append(
         stripe_webhook_route(runtime.driver, runtime.sessions, runtime.gateway, lambda: runtime.clock.now())
     )
     if not settings.smtp_url:
         app.router.routes.append(outbox_route(runtime.driver))
+    if settings.metrics_token:  # else no /metrics at all (404): it must not be open to anyone
+        app.router.routes.append(metrics_route(runtime, settings.metrics_token, WORKER_HANDLERS))
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

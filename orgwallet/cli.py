@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated
 
 import typer
@@ -13,20 +15,57 @@ from orgwallet.config import Settings
 cli = typer.Typer(no_args_is_help=True, add_completion=False, help="orgwallet: prepaid token wallets")
 
 
-def prepare_database(settings: Settings) -> str:
-    """The database URL to use: the configured one, or the embedded PostgreSQL (started here).
-    Migrations are applied either way, so every start is on the current schema."""
+@cli.callback()
+def _logging() -> None:
+    # Every command logs the same way (ORGWALLET_LOG_FORMAT); `serve` hands it to uvicorn too.
+    from orgwallet.logs import configure_logging
+
+    configure_logging(Settings().log_format)
+
+
+@contextmanager
+def database(settings: Settings) -> Iterator[str]:
+    """The database URL to use, migrated to the current schema: the configured one, or the
+    embedded PostgreSQL. An embedded PostgreSQL started here is stopped on the way out; one
+    that was running already (another ``serve``) is reused and left running."""
     from orgwallet.db.migrate import upgrade
 
-    url = settings.database_url
-    if not url:
-        from orgwallet.db.engine import embedded_database_url, start_embedded_postgres
+    if settings.database_url:
+        upgrade(settings.database_url)
+        yield settings.database_url
+        return
+    from orgwallet.db.engine import embedded_database_url, start_embedded_postgres
 
-        server = start_embedded_postgres(settings.home)
-        url = embedded_database_url(server)
-        typer.echo(f"embedded PostgreSQL: {(settings.home / 'pg').resolve()}")
-    upgrade(url)
-    return url
+    embedded = start_embedded_postgres(settings.home)
+    if embedded.started:
+        typer.echo(f"embedded PostgreSQL: {embedded.pgdata} (stopped when this command ends)")
+    else:
+        typer.echo(
+            f"embedded PostgreSQL: {embedded.pgdata} was running already (pid {embedded.pid}): "
+            "reused, and left running"
+        )
+    try:
+        url = embedded_database_url(embedded.server)
+        upgrade(url)
+        yield url
+    finally:
+        if embedded.started:
+            embedded.stop()
+            typer.echo("embedded PostgreSQL stopped")
+
+
+def _exit_on_sigterm() -> None:
+    """SIGTERM ends the process as Ctrl-C does, through ``finally`` blocks (uvicorn hands the
+    signal on to this handler once it has shut down), so that what was started is stopped."""
+    import signal
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 @cli.command()
@@ -39,34 +78,58 @@ def serve(
     """Run the API server (on the embedded PostgreSQL unless ORGWALLET_DATABASE_URL is set)."""
     import uvicorn
 
+    from orgwallet.logs import log_config
+
     settings = Settings()
-    os.environ["ORGWALLET_DATABASE_URL"] = prepare_database(settings)
-    if not settings.jwt_secret and not settings.jwt_jwks_url:
-        # Generate the development secret before workers start, so they all share it.
-        os.environ["ORGWALLET_JWT_SECRET"] = settings.signing_secret
-    public_url = os.environ.get("ORGWALLET_PUBLIC_URL") or f"http://{_browsable(host)}:{port}"
-    os.environ["ORGWALLET_PUBLIC_URL"] = public_url
-    typer.echo(f"GraphiQL:  {public_url}/graphql")
-    typer.echo("a token:   uv run orgwallet token --sub alice --email alice@example.com")
-    typer.echo('           then in GraphiQL headers: {"Authorization": "Bearer <token>"}')
-    if not settings.stripe_secret_key:
-        os.environ["STRIPE_WEBHOOK_SECRET"] = settings.webhook_secret
-        typer.echo(f"Stripe:    offline simulator at {public_url}/_stripe (no STRIPE_SECRET_KEY)")
-        typer.echo("           pay on its checkout page with the test card 4242 4242 4242 4242")
-        if workers > 1:
-            typer.echo("           it keeps its state in memory: use --workers 1 with it", err=True)
-    if settings.worker == "embedded":
-        typer.echo("jobs:      a worker runs in the server (ORGWALLET_WORKER=off to run `orgwallet worker`s)")
-    if not settings.smtp_url:
-        typer.echo(f"e-mail:    kept in the outbox at {public_url}/_mail (no ORGWALLET_SMTP_URL)")
-    uvicorn.run(
-        "orgwallet.app:create_app",
-        factory=True,
-        host=host,
-        port=port,
-        workers=None if reload else workers,
-        reload=reload,
-        log_level="info",
+    _exit_on_sigterm()
+    with database(settings) as url:
+        os.environ["ORGWALLET_DATABASE_URL"] = url
+        if not settings.jwt_secret and not settings.jwt_jwks_url:
+            # Generate the development secret before workers start, so they all share it.
+            os.environ["ORGWALLET_JWT_SECRET"] = settings.signing_secret
+        public_url = os.environ.get("ORGWALLET_PUBLIC_URL") or f"http://{_browsable(host)}:{port}"
+        os.environ["ORGWALLET_PUBLIC_URL"] = public_url
+        typer.echo(f"GraphiQL:  {public_url}/graphql")
+        typer.echo("a token:   uv run orgwallet token --sub alice --email alice@example.com")
+        typer.echo('           then in GraphiQL headers: {"Authorization": "Bearer <token>"}')
+        if not settings.stripe_secret_key:
+            os.environ["STRIPE_WEBHOOK_SECRET"] = settings.webhook_secret
+            typer.echo(f"Stripe:    offline simulator at {public_url}/_stripe (no STRIPE_SECRET_KEY)")
+            typer.echo("           pay on its checkout page with the test card 4242 4242 4242 4242")
+            if host not in _LOOPBACK:
+                _warn_simulator_exposed(host, port)
+        if settings.worker == "embedded":
+            typer.echo(
+                "jobs:      a worker runs in the server (ORGWALLET_WORKER=off to run `orgwallet worker`s)"
+            )
+        if not settings.smtp_url:
+            typer.echo(f"e-mail:    kept in the outbox at {public_url}/_mail (no ORGWALLET_SMTP_URL)")
+        uvicorn.run(
+            "orgwallet.app:create_app",
+            factory=True,
+            host=host,
+            port=port,
+            workers=None if reload else workers,
+            reload=reload,
+            log_level="info",
+            log_config=log_config(settings.log_format),
+        )
+
+
+def _warn_simulator_exposed(host: str, port: int) -> None:
+    """Said loudly: the stand-in for Stripe is meant for one machine."""
+    rule = "!" * 78
+    typer.secho(
+        f"{rule}\n"
+        f"WARNING: serving on {host}:{port}, beyond this machine, with the OFFLINE STRIPE SIMULATOR.\n"
+        "  No real payment can be made: every 'payment' is simulated, and tokens bought through it\n"
+        "  are free. Its checkout and receipt pages are open to anyone who can reach this port\n"
+        "  (its API and test controls need this installation's key). Set STRIPE_SECRET_KEY and\n"
+        "  STRIPE_WEBHOOK_SECRET for real payments, or bind to 127.0.0.1.\n"
+        f"{rule}",
+        err=True,
+        fg=typer.colors.RED,
+        bold=True,
     )
 
 
@@ -81,17 +144,12 @@ def _browsable(host: str) -> str:
 def worker() -> None:
     """Run background jobs (a job worker; start as many as you like against one database)."""
     import asyncio
-    import logging
     import signal
 
     from orgwallet.jobs.worker import run
     from orgwallet.runtime import Runtime
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = Settings()
-    settings = settings.model_copy(update={"database_url": _database_url()})
-
-    async def main() -> None:
+    async def main(settings: Settings) -> None:
         runtime = Runtime.build(settings)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -102,15 +160,17 @@ def worker() -> None:
         finally:
             await runtime.close()
 
-    typer.echo("worker: running jobs until SIGINT or SIGTERM")
-    asyncio.run(main())
+    settings = Settings()
+    with database(settings) as url:
+        typer.echo("worker: running jobs until SIGINT or SIGTERM")
+        asyncio.run(main(settings.model_copy(update={"database_url": url})))
 
 
 @cli.command()
 def migrate() -> None:
     """Apply the database migrations."""
-    prepare_database(Settings())
-    typer.echo("migrations applied")
+    with database(Settings()):
+        typer.echo("migrations applied")
 
 
 @cli.command()
@@ -124,13 +184,6 @@ def token(
     from orgwallet.auth.tokens import mint_token
 
     typer.echo(mint_token(Settings(), subject=sub, email=email, admin=admin, ttl_seconds=ttl))
-
-
-def _database_url() -> str:
-    settings = Settings()
-    if settings.database_url:
-        return settings.database_url
-    return prepare_database(settings)
 
 
 async def _check(url: str) -> dict[uuid.UUID, list[str]]:
@@ -150,7 +203,8 @@ def check() -> None:
     """Verify the ledger invariants of every wallet; exit 1 naming each broken wallet."""
     import asyncio
 
-    broken = asyncio.run(_check(_database_url()))
+    with database(Settings()) as url:
+        broken = asyncio.run(_check(url))
     for wallet_id, problems in broken.items():
         for problem in problems:
             typer.echo(f"wallet {wallet_id}: {problem}", err=True)
@@ -173,10 +227,12 @@ async def _expire(url: str) -> int:
 
 @cli.command()
 def expire() -> None:
-    """Sweep expired credit lots and reservations now (the worker will do it on a schedule)."""
+    """Sweep expired credit lots and reservations now: the job worker does it every five minutes
+    (the ``ledger.sweep`` duty); this is for a database without one."""
     import asyncio
 
-    settled = asyncio.run(_expire(_database_url()))
+    with database(Settings()) as url:
+        settled = asyncio.run(_expire(url))
     typer.echo(f"settled {settled} wallet(s)")
 
 
@@ -188,8 +244,9 @@ def bench(
     ] = False,
     output: Annotated[str | None, typer.Option(help="Where to write the results (JSON)")] = None,
 ) -> None:
-    """Load benchmark against PostgreSQL's own limit (bench/, PERFORMANCE.md): one table and
-    bench/results.json. Starts its own PostgreSQL unless ORGWALLET_DATABASE_URL is set."""
+    """Load benchmark against PostgreSQL's own limit (pgbench in the same run): prints one table
+    and writes bench/results.json; README.md, section "Benchmark", explains each workload. Run
+    it from the repository. Starts its own PostgreSQL unless ORGWALLET_DATABASE_URL is set."""
     import importlib
 
     try:

@@ -42,6 +42,15 @@ class Settings(BaseSettings):
     graphiql: bool = True
     max_query_depth: int = 12
     max_query_tokens: int = 2000
+    # Limits against abuse of /graphql (orgwallet/schema/limits.py). The price of a query:
+    # each field counts 1, times the size of the lists it is in (a connection's first/last);
+    # a dashboard's queries cost some hundreds to a few thousand.
+    max_query_cost: int = 10_000
+    # A bigger request body is refused (413) before it is read.
+    max_request_bytes: int = 1_000_000
+    # What a client may store in `metadata`: its size as JSON (UTF-8), its nesting depth.
+    max_metadata_bytes: int = 8192
+    max_metadata_depth: int = 5
 
     # Ledger defaults.
     trial_tokens: int = 3
@@ -90,6 +99,11 @@ class Settings(BaseSettings):
     # for authentication) returns there. Unset: the server's own address.
     app_url: str | None = None
 
+    # Operations. Log lines as text or as one JSON object each. /metrics (Prometheus) is
+    # served only with this bearer token; unset, there is no /metrics.
+    log_format: Literal["text", "json"] = "text"
+    metrics_token: str | None = None
+
     @cached_property
     def signing_secret(self) -> str:
         """The HS256 secret: configured, or generated once and kept under ``home``."""
@@ -104,6 +118,13 @@ class Settings(BaseSettings):
         if self.stripe_webhook_secret:
             return self.stripe_webhook_secret
         return self._home_secret("stripe-webhook-secret", lambda: "whsec_" + secrets.token_hex(24))
+
+    @cached_property
+    def simulator_secret_key(self) -> str:
+        """The only API key the offline Stripe simulator accepts (as Stripe accepts only
+        yours): generated once and kept under ``home``, shared by every process of the
+        installation (servers, workers)."""
+        return self._home_secret("stripe-simulator-secret-key", lambda: "sk_test_" + secrets.token_hex(24))
 
     def _home_secret(self, name: str, make: Callable[[], str]) -> str:
         path = self.home / name

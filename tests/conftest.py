@@ -17,7 +17,7 @@ from fastapi import FastAPI
 
 from orgwallet.app import create_app
 from orgwallet.config import Settings
-from orgwallet.db.engine import asyncpg_url
+from orgwallet.db.engine import asyncpg_url, pgserver_module
 from orgwallet.db.migrate import upgrade
 from tests.helpers import GraphQLClient
 
@@ -38,8 +38,7 @@ class Postgres:
 
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[Postgres]:
-    import pgserver
-
+    pgserver = pgserver_module()
     root = Path(tempfile.mkdtemp(prefix="orgwallet-test-pg-"))
     server = pgserver.get_server(root, cleanup_mode="delete")
     pg = Postgres(server)

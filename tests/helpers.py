@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
@@ -189,3 +190,16 @@ async def snapshot(app: Any) -> dict[str, Any]:
             table: [tuple(row) for row in (await connection.execute(text(sql))).all()]
             for table, sql in queries.items()
         }
+
+
+async def eventually(check: Any, *, within: float = 30.0, what: str = "the condition") -> Any:
+    """Polls ``check`` (async, truthy when done) until it holds: for work other processes
+    (or other tasks) do."""
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        result = await check()
+        if result:
+            return result
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+from pathlib import Path
 
 import jwt
 from sqlalchemy import text
@@ -60,3 +61,40 @@ def test_token_mints_a_verifiable_jwt() -> None:
     claims = jwt.decode(out.stdout.strip(), "s" * 40, algorithms=["HS256"], audience="orgwallet")
     assert claims["sub"] == "alice" and claims["email"] == "a@x.io" and claims["orgwallet_admin"] is True
     assert claims["exp"] - claims["iat"] == 60
+
+
+def _orgwallet(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("ORGWALLET_", "STRIPE_", "XDG_"))}
+    return subprocess.run(
+        ["uv", "run", "--project", str(REPOSITORY), "orgwallet", *args],
+        capture_output=True,
+        text=True,
+        env=base | env,
+        cwd=cwd,
+        check=False,
+        timeout=180,
+    )
+
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+def test_help_names_what_exists(tmp_path: Path) -> None:
+    bench = _orgwallet("bench", "--help", env={}, cwd=tmp_path)
+    assert bench.returncode == 0, bench.stderr
+    assert "PERFORMANCE.md" not in bench.stdout  # not in this repository
+    assert "README.md" in bench.stdout and (REPOSITORY / "README.md").exists()
+    expire = _orgwallet("expire", "--help", env={}, cwd=tmp_path)
+    assert "ledger.sweep" in expire.stdout and "will do it" not in expire.stdout
+
+
+def test_a_command_on_the_embedded_postgres_is_quiet_and_stops_what_it_started(tmp_path: Path) -> None:
+    """No XDG_RUNTIME_DIR warning (unset, as on most servers), and the PostgreSQL that
+    `migrate` started for itself is not left running."""
+    home = tmp_path / "home"
+    done = _orgwallet("migrate", env={"ORGWALLET_HOME": str(home)}, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "migrations applied" in done.stdout
+    assert "XDG_RUNTIME_DIR" not in done.stderr + done.stdout
+    assert "embedded PostgreSQL stopped" in done.stdout
+    assert not (home / "pg" / "postmaster.pid").exists()

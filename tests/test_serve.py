@@ -33,7 +33,7 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, home: Path, log: Path) -> None:
+    def __init__(self, home: Path, log: Path, host: str = "127.0.0.1") -> None:
         self.home = home
         self.log_path = log
         self.port = free_port()
@@ -42,7 +42,7 @@ class Server:
         self.env = env | {"ORGWALLET_HOME": str(home)}
         with log.open("ab") as out:
             self.process = subprocess.Popen(
-                [*orgwallet_command(), "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+                [*orgwallet_command(), "serve", "--host", host, "--port", str(self.port)],
                 cwd=home.parent,  # no .env of the developer's checkout
                 env=self.env,
                 stdout=out,
@@ -89,10 +89,11 @@ class Server:
         data: dict[str, object] = body["data"]
         return data
 
-    def stop(self) -> int:
-        """Ctrl-C, as a user stops it; a kill only if it does not stop in time."""
+    def stop(self, how: signal.Signals = signal.SIGINT) -> int:
+        """Ctrl-C, as a user stops it (or SIGTERM, as a service manager does); a kill only if
+        it does not stop in time."""
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
+            self.process.send_signal(how)
             try:
                 self.process.wait(STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
@@ -186,3 +187,44 @@ def test_serve_starts_answers_and_starts_again_with_the_data_kept(home: Path, tm
     finally:
         code = second.stop()
     assert code == 0, second.log()
+
+
+def test_sigterm_stops_the_postgres_serve_started_and_leaves_one_it_found_running(
+    home: Path, tmp_path: Path
+) -> None:
+    first = Server(home, tmp_path / "serve-1.log")
+    try:
+        first.wait_ready()
+        postgres = postmaster_pid(home)
+        assert postgres is not None
+    finally:
+        code = first.stop(signal.SIGTERM)
+    assert code in (0, 128 + signal.SIGTERM), first.log()
+    assert wait_postgres_stopped(home), f"the embedded PostgreSQL outlived serve:\n{first.log()}"
+    assert "embedded PostgreSQL stopped" in first.log()
+
+    # A PostgreSQL already running on the home (another serve's) is reused, said so, and left.
+    from orgwallet.db.engine import start_embedded_postgres
+
+    running = start_embedded_postgres(home)
+    assert running.started
+    second = Server(home, tmp_path / "serve-2.log")
+    try:
+        second.wait_ready()
+    finally:
+        second.stop(signal.SIGTERM)
+    assert f"was running already (pid {running.pid}): reused, and left running" in second.log()
+    assert postmaster_pid(home) == running.pid
+    running.stop()
+    assert wait_postgres_stopped(home)
+
+
+def test_serve_beyond_loopback_with_the_simulator_says_so_loudly(home: Path, tmp_path: Path) -> None:
+    server = Server(home, tmp_path / "serve.log", host="0.0.0.0")  # noqa: S104 (the case under test)
+    try:
+        server.wait_ready()
+    finally:
+        server.stop()
+    log = server.log()
+    assert "WARNING: serving on 0.0.0.0" in log and "OFFLINE STRIPE SIMULATOR" in log, log
+    assert wait_postgres_stopped(home)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -139,6 +142,12 @@ class DriverPool:
                     )
         return self._pool
 
+    def usage(self) -> tuple[int, int, int]:
+        """(open, idle, maximum) connections, for /metrics: (0, 0, size) before the first use."""
+        if self._pool is None:
+            return 0, 0, self._size
+        return self._pool.get_size(), self._pool.get_idle_size(), self._pool.get_max_size()
+
     async def close(self) -> None:
         if self._pool is not None:
             pool, self._pool = self._pool, None
@@ -165,18 +174,57 @@ def asyncpg_url(pgserver_uri: str, database: str) -> str:
     return f"postgresql+asyncpg://{parts.username or 'postgres'}@/{database}?{parts.query}"
 
 
-def start_embedded_postgres(home: Path, *, cleanup_mode: str | None = "stop") -> Any:
-    """Starts (or joins) the PostgreSQL kept in ``home/pg`` and makes sure our database exists."""
-    import pgserver
+def pgserver_module() -> Any:
+    """``pgserver``, imported without platformdirs' warning that XDG_RUNTIME_DIR is unset (as on
+    most servers and containers): pgserver then keeps its lock file under /tmp, which is fine."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+        import pgserver
+    return pgserver
 
+
+@dataclass
+class EmbeddedPostgres:
+    """The PostgreSQL kept in ``home/pg``. ``started``: this process started it, and stops it
+    with ``stop()``; otherwise it was running already (another ``serve``) and is left alone."""
+
+    pgdata: Path
+    server: Any
+    started: bool
+    pid: int | None
+
+    def stop(self) -> None:
+        if not self.started:
+            return
+        from pgserver._commands import pg_ctl  # type: ignore[attr-defined]
+
+        try:
+            pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.pgdata, user=self.server.system_user)
+        except subprocess.CalledProcessError:  # stopped already (Ctrl-C reaches it too)
+            log.info("the embedded PostgreSQL in %s was stopped already", self.pgdata)
+
+
+def _running_postmaster(pgdata: Path) -> int | None:
+    from pgserver.utils import PostmasterInfo
+
+    info = PostmasterInfo.read_from_pgdata(pgdata)
+    return info.pid if info is not None and info.is_running() else None
+
+
+def start_embedded_postgres(home: Path, *, cleanup_mode: str | None = None) -> EmbeddedPostgres:
+    """Starts (or joins) the PostgreSQL kept in ``home/pg`` and makes sure our database exists.
+    Whoever started it stops it (``EmbeddedPostgres.stop``), not pgserver's exit hook, which
+    a signal skips."""
+    pgserver = pgserver_module()
     pgdata = (home / "pg").resolve()
     pgdata.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(pgdata, cleanup_mode=cleanup_mode)  # type: ignore[attr-defined]
+    running = _running_postmaster(pgdata)
+    server = pgserver.get_server(pgdata, cleanup_mode=cleanup_mode)
     exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{EMBEDDED_DATABASE}';")  # noqa: S608 (a constant)
     if "(1 row)" not in exists:
         server.psql(f"CREATE DATABASE {EMBEDDED_DATABASE};")
         log.info("created database %s in %s", EMBEDDED_DATABASE, pgdata)
-    return server
+    return EmbeddedPostgres(pgdata, server, started=running is None, pid=running or server.get_pid())
 
 
 def embedded_database_url(server: Any, database: str = EMBEDDED_DATABASE) -> str:

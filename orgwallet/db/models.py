@@ -261,7 +261,13 @@ class Purchase(SQLModel, table=True):
     tokens_clawed_back: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
     shortfall: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
     dispute_id: str | None = None
-    dispute_status: str | None = None
+    dispute_status: str | None = None  # Stripe's
+    dispute_amount_minor: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    dispute_tokens_taken: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    dispute_shortfall: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    dispute_tokens_returned: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    dispute_opened_at: datetime | None = _ts(nullable=True)
+    dispute_closed_at: datetime | None = _ts(nullable=True)
     created_by: str
     created_at: datetime = _ts()
     updated_at: datetime = _ts()

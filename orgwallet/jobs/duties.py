@@ -21,7 +21,7 @@ from sqlalchemy import text
 
 from orgwallet.db.engine import transaction
 from orgwallet.jobs import enqueue
-from orgwallet.services import autotopup, mail, notifications, wallets
+from orgwallet.services import autotopup, mail, notifications, purchases, wallets
 from orgwallet.services.notifications import NotificationKind
 from orgwallet.webhooks.stripe import handle_event
 
@@ -115,6 +115,11 @@ async def remind_expiring_tokens(runtime: Runtime, now: datetime) -> str:
     return f"notified {created}"
 
 
+async def remove_abandoned_purchases(runtime: Runtime, now: datetime) -> str:
+    """Checkout purchases whose Stripe session never came (see ``purchases.remove_abandoned``)."""
+    return f"removed {await purchases.remove_abandoned(runtime.sessions, now)}"
+
+
 async def retry_emails(runtime: Runtime, now: datetime) -> str:
     """E-mails whose retry is due are sent again (one ``mail.send`` job each)."""
     due = await mail.due_emails(runtime.driver, now)
@@ -134,6 +139,7 @@ DUTIES: dict[str, Duty] = {
         Duty("tokens.expiring", timedelta(days=1), remind_expiring_tokens),
         Duty("mail.retry", timedelta(minutes=1), retry_emails),
         Duty("auto_top_up.due", timedelta(minutes=1), autotopup.due),
+        Duty("purchases.abandoned", timedelta(minutes=15), remove_abandoned_purchases),
     )
 }
 

@@ -24,6 +24,7 @@ from pgqueuer.db import AsyncpgDriver
 from pgqueuer.executors import DatabaseRetryEntrypointExecutor, EntrypointExecutorParameters
 from pgqueuer.models import Job, Schedule
 
+from orgwallet import metrics
 from orgwallet.jobs import duties, signal
 from orgwallet.services import autotopup, mail
 
@@ -86,7 +87,12 @@ def build(runtime: Runtime, connection: asyncpg.Connection) -> PgQueuer:
 
         async def run(job: Job, handler: JobHandler = handler, name: str = name) -> None:
             payload = orjson.loads(job.payload) if job.payload else {}
-            outcome = await handler(runtime, payload)
+            try:
+                outcome = await handler(runtime, payload)
+            except Exception:
+                metrics.job_run(name, "failed")
+                raise
+            metrics.job_run(name, "ok")
             log.debug("job %s %s: %s", name, job.id, outcome)
 
         pgq.entrypoint(name, executor_factory=_retrying)(run)

@@ -45,6 +45,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from orgwallet import metrics
 from orgwallet.errors import (
     IdempotencyConflict,
     InsufficientTokens,
@@ -54,6 +55,10 @@ from orgwallet.errors import (
     ReservationNotOpen,
     WalletSuspended,
 )
+
+#: The most tokens a wallet may hold or have been given: BigInt is exact up to 2**53-1 (a JSON
+#: number), and the columns (bigint) would overflow not far beyond.
+MAX_TOKENS = 2**53 - 1
 
 
 class EntryKind(enum.StrEnum):
@@ -147,6 +152,17 @@ async def _call(session: AsyncSession, function: str, params: dict[str, Any]) ->
         f"SELECT * FROM {function}({placeholders}, coalesce(CAST(:now AS timestamptz), now()))"  # noqa: S608
     )
     return (await session.execute(statement, params)).one()
+
+
+async def _spend(session: AsyncSession, path: str, function: str, params: dict[str, Any]) -> Any:
+    """``_call`` for a function that spends tokens, its outcome counted on ``path`` (/metrics)."""
+    try:
+        row = await _call(session, function, params)
+    except Exception:
+        metrics.consumption(path, "error")
+        raise
+    metrics.consumption(path, row.outcome)
+    return row
 
 
 def _posting(
@@ -259,7 +275,16 @@ async def credit(
             "now": now,
         },
     )
-    return _posting(row, key=key)
+    posting = _posting(row, key=key)
+    wallet = posting.wallet
+    if max(wallet.balance + wallet.reserved, wallet.lifetime_purchased, wallet.lifetime_granted) > MAX_TOKENS:
+        # Checked on the function's answer, under the wallet's lock; the caller's transaction
+        # rolls back on this error as on any other, so nothing stays written.
+        raise InvalidInput(
+            f"amount would take the wallet past {MAX_TOKENS} tokens, the most the API counts exactly",
+            field="amount",
+        )
+    return posting
 
 
 async def consume(
@@ -275,8 +300,9 @@ async def consume(
 ) -> Posting:
     """Spends ``amount`` tokens, drawing lots in draw-down order; ``InsufficientTokens``
     (nothing written) when the available balance is short."""
-    row = await _call(
+    row = await _spend(
         session,
+        "consume",
         "ledger_consume",
         {
             "wallet": wallet_id,
@@ -303,8 +329,9 @@ async def reserve(
     now: datetime | None = None,
 ) -> Posting:
     """Holds ``amount`` tokens for work in flight; they return by themselves after the TTL."""
-    row = await _call(
+    row = await _spend(
         session,
+        "reserve",
         "ledger_reserve",
         {
             "wallet": wallet_id,
@@ -329,8 +356,9 @@ async def capture(
     now: datetime | None = None,
 ) -> Posting:
     """Consumes ``amount`` (default: all) of an open reservation; the rest returns."""
-    row = await _call(
+    row = await _spend(
         session,
+        "capture",
         "ledger_capture",
         {"reservation": reservation_id, "amount": amount, "key": key, "actor": actor, "now": now},
     )
@@ -388,6 +416,35 @@ async def clawback(
             "reason": reason,
             "actor": actor,
             "reference": reference_id,
+            "now": now,
+        },
+    )
+    return _posting(row, key=key, what="credit lot")
+
+
+async def reinstate(
+    session: AsyncSession,
+    lot_id: uuid.UUID,
+    *,
+    clawback_key: str,
+    key: str,
+    actor: str,
+    reason: str | None = None,
+    now: datetime | None = None,
+) -> Posting:
+    """Gives back what the clawback under ``clawback_key`` took from lot ``lot_id`` (a dispute
+    won), to that lot: once, and never more than it took, whatever the key. ``Posting.entry``
+    is None when that clawback took nothing (or never happened). A lot that has expired
+    meanwhile is swept again at once: giving back does not extend a token's life."""
+    row = await _call(
+        session,
+        "ledger_reinstate",
+        {
+            "lot": lot_id,
+            "clawback_key": clawback_key,
+            "key": key,
+            "reason": reason,
+            "actor": actor,
             "now": now,
         },
     )

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from orgwallet import metrics
 from orgwallet.db.engine import DriverPool
 from orgwallet.ledger import Posting, _json, _posting
 
@@ -160,11 +161,13 @@ class ConsumptionBatcher:
         self.stats.consumptions += len(batch)
         self.stats.largest = max(self.stats.largest, len(batch))
         self.stats.sizes[len(batch)] = self.stats.sizes.get(len(batch), 0) + 1
+        metrics.BATCH_SIZES.observe(len(batch))
         try:
             try:
                 rows = await self._execute(target, batch)
             except Exception as error:
                 if len(batch) == 1:
+                    metrics.consumption("batched", "error")
                     _settle(batch[0], error=error)
                     return
                 # The batch's transaction rolled back whole: nothing of it was written. Alone,
@@ -174,6 +177,7 @@ class ConsumptionBatcher:
                     await self._run(target, [item])
                 return
             for item, row in zip(batch, rows, strict=True):
+                metrics.consumption("batched", row["outcome"])
                 try:
                     _settle(item, posting=_posting(_Row(row), requested=item.amount, key=item.key))
                 except Exception as error:  # a domain outcome (insufficient...): this request's answer

@@ -175,7 +175,10 @@ class OrganizationMutations:
             key = await key_service.revoke_api_key(session, info.context.principal, api_key_id)
             return ApiKeyRevoked(api_key_id=relay.GlobalID("ApiKey", str(key.id)))
 
-        return await mutate(info, run)
+        result = await mutate(info, run)
+        if isinstance(result, ApiKeyRevoked):  # committed: from now on, this process refuses the key
+            info.context.runtime.principals.revoked()
+        return result
 
 
 __all__ = ["ApiKey", "OrganizationMutations", "OrganizationQueries"]

@@ -24,6 +24,7 @@ from orgwallet.schema.purchases import (
     PaymentDeclined,
     PaymentMethodRequired,
     PaymentMethodSetupStarted,
+    PaymentProviderError,
     PriceQuote,
     PriceTier,
     PriceTiersSet,
@@ -151,6 +152,8 @@ class PurchaseMutations:
                 cancel_url=input.cancel_url,
                 idempotency_key=input.idempotency_key,
             )
+        except purchase_service.PaymentProviderError as error:
+            return _provider_error(error)
         except OrgWalletError as error:
             return user_error(error)
         return CheckoutStarted(purchase=Purchase.of(started.purchase), checkout_url=started.checkout_url)
@@ -176,8 +179,12 @@ class PurchaseMutations:
             )
         except purchase_service.PaymentMethodRequired as error:
             return PaymentMethodRequired(message=error.message, code=error.code)
+        except purchase_service.PaymentProviderError as error:
+            return _provider_error(error)
         except OrgWalletError as error:
             return user_error(error)
+        if outcome.provider_error is not None:
+            return _provider_error(outcome.provider_error)
         purchase = outcome.purchase
         if outcome.declined is not None or purchase.status == "failed":
             declined = outcome.declined
@@ -206,6 +213,8 @@ class PurchaseMutations:
                 success_url=input.success_url,
                 cancel_url=input.cancel_url,
             )
+        except purchase_service.PaymentProviderError as error:
+            return _provider_error(error)
         except OrgWalletError as error:
             return user_error(error)
         return PaymentMethodSetupStarted(checkout_url=link.url)
@@ -318,3 +327,8 @@ async def _saved(session: AsyncSession, package_id: Any) -> TokenPackageSaved:
 
 
 __all__ = ["PurchaseMutations", "PurchaseQueries"]
+
+
+def _provider_error(error: purchase_service.PaymentProviderError) -> PaymentProviderError:
+    purchase = None if error.purchase is None else Purchase.of(error.purchase)
+    return PaymentProviderError(message=error.message, code=error.code, purchase=purchase)

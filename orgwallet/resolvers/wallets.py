@@ -43,7 +43,7 @@ from orgwallet.schema.wallets import (
     WalletStatusChanged,
 )
 from orgwallet.services import wallets as wallet_service
-from orgwallet.services.validation import global_id
+from orgwallet.services.validation import MetadataLimits, global_id
 
 
 def _entry(posting: ledger.Posting, info: Info) -> LedgerEntry:
@@ -76,6 +76,7 @@ class WalletMutations:
                 key=input.idempotency_key,
                 reason=input.reason,
                 metadata=input.metadata,
+                metadata_limits=MetadataLimits.of(info.context.settings),
             )
         except OrgWalletError as error:
             return user_error(error)

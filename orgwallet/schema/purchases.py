@@ -93,13 +93,18 @@ class TokenPackage(relay.Node):
     async def resolve_nodes(  # type: ignore[override]
         cls, *, info: Info, node_ids: Iterable[str], required: bool = False
     ) -> list[Self | None]:
-        """At list prices (``packages(organizationId)`` gives an organization's)."""
+        """At list prices (``packages(organizationId)`` gives an organization's); what
+        ``packages`` shows the caller: none to anonymous callers, archived ones to staff only."""
         ids = [_uuid(node_id) for node_id in node_ids]
+        principal = info.context.principal
         async with info.context.reading() as session:
-            found = {
-                item.package.id: cls.of(item)
-                for item in await pricing.priced_packages(session, None, include_archived=True)
-            }
+            try:
+                catalogue = await pricing.catalogue(
+                    session, principal, None, include_archived=principal.is_platform_admin
+                )
+            except OrgWalletError:
+                catalogue = []
+        found = {item.package.id: cls.of(item) for item in catalogue}
         return [found.get(i) if i is not None else None for i in ids]
 
 
@@ -165,6 +170,46 @@ async def package_of(
     return None
 
 
+@strawberry.enum(description="How a dispute of the payment stands, for the wallet.")
+class PurchaseDisputeStatus(Enum):
+    OPEN = strawberry.enum_value("open", description="With the bank: the tokens are taken back.")
+    WON = strawberry.enum_value("won", description="Decided for the merchant: the tokens were given back.")
+    LOST = strawberry.enum_value(
+        "lost", description="Decided for the card holder (or an inquiry closed): the tokens stay taken back."
+    )
+
+
+@strawberry.type(description="The card holder's dispute of the payment (a chargeback) and its outcome.")
+class PurchaseDispute:
+    status: PurchaseDisputeStatus
+    amount_minor: int = strawberry.field(description="The amount disputed.")
+    tokens_taken_back: BigInt = strawberry.field(
+        description="Tokens the dispute took back when it opened (what was left of the purchase's)."
+    )
+    tokens_returned: BigInt = strawberry.field(description="Tokens given back when it was won.")
+    opened_at: datetime
+    closed_at: datetime | None
+
+    @classmethod
+    def of(cls, row: models.Purchase) -> Self | None:
+        if row.dispute_id is None or row.dispute_opened_at is None:
+            return None
+        if row.dispute_status == "won":
+            status = PurchaseDisputeStatus.WON
+        elif row.dispute_status in purchase_service.CLOSED_DISPUTE_STATES:
+            status = PurchaseDisputeStatus.LOST
+        else:
+            status = PurchaseDisputeStatus.OPEN
+        return cls(
+            status=status,
+            amount_minor=row.dispute_amount_minor or 0,
+            tokens_taken_back=BigInt(row.dispute_tokens_taken),
+            tokens_returned=BigInt(row.dispute_tokens_returned),
+            opened_at=row.dispute_opened_at,
+            closed_at=row.dispute_closed_at,
+        )
+
+
 @strawberry.type
 class Purchase(relay.Node):
     id: relay.NodeID[str]
@@ -186,6 +231,9 @@ class Purchase(relay.Node):
     )
     created_at: datetime
     paid_at: datetime | None
+    dispute: PurchaseDispute | None = strawberry.field(
+        description="The card holder's dispute of the payment, if there is one."
+    )
     _organization_id: strawberry.Private[uuid.UUID]
     _package_id: strawberry.Private[uuid.UUID | None]
 
@@ -207,6 +255,7 @@ class Purchase(relay.Node):
             shortfall=BigInt(row.shortfall),
             created_at=row.created_at,
             paid_at=row.paid_at,
+            dispute=PurchaseDispute.of(row),
             _organization_id=row.organization_id,
             _package_id=row.package_id,
         )
@@ -398,6 +447,14 @@ class PaymentMethodRequired(UserError):
     pass
 
 
+@strawberry.type(
+    description="Stripe (or the way to it) failed; not a decline. The purchase, if one was made, is FAILED "
+    "with the reason; if the payment went through after all, it is credited when Stripe confirms it."
+)
+class PaymentProviderError(UserError):
+    purchase: Purchase | None
+
+
 @strawberry.type
 class PaymentMethodSetupStarted:
     checkout_url: str = strawberry.field(description="Stripe's hosted page that saves a card.")
@@ -429,15 +486,21 @@ class OrganizationPriceCleared:
 
 
 StartCheckoutResult = Annotated[
-    CheckoutStarted | IdempotencyConflict | InvalidInput | NotFound,
+    CheckoutStarted | PaymentProviderError | IdempotencyConflict | InvalidInput | NotFound,
     strawberry.union("StartCheckoutResult"),
 ]
 PurchaseWithSavedCardResult = Annotated[
-    PurchaseStarted | PaymentDeclined | PaymentMethodRequired | IdempotencyConflict | InvalidInput | NotFound,
+    PurchaseStarted
+    | PaymentDeclined
+    | PaymentMethodRequired
+    | PaymentProviderError
+    | IdempotencyConflict
+    | InvalidInput
+    | NotFound,
     strawberry.union("PurchaseWithSavedCardResult"),
 ]
 SetupPaymentMethodResult = Annotated[
-    PaymentMethodSetupStarted | InvalidInput | NotFound,
+    PaymentMethodSetupStarted | PaymentProviderError | InvalidInput | NotFound,
     strawberry.union("SetupPaymentMethodResult"),
 ]
 TokenPackageResult = Annotated[

@@ -8,14 +8,16 @@ from strawberry.extensions import (
     AddValidationRules,
     MaskErrors,
     MaxTokensLimiter,
-    ParserCache,
     QueryDepthLimiter,
-    ValidationCache,
 )
 from strawberry.schema.config import StrawberryConfig
 from strawberry.tools import merge_types
+from strawberry.types import ExecutionContext as OperationContext
+from strawberry.utils.logging import StrawberryLogger
 
 from orgwallet.config import Settings
+from orgwallet.errors import OrgWalletError
+from orgwallet.metrics import GraphQLMetrics
 from orgwallet.resolvers.autotopup import AutoTopUpMutations
 from orgwallet.resolvers.notifications import NotificationMutations
 from orgwallet.resolvers.organizations import OrganizationMutations, OrganizationQueries
@@ -24,6 +26,7 @@ from orgwallet.resolvers.wallets import WalletMutations
 from orgwallet.schema.errors import CodedError
 from orgwallet.schema.execution import ExecutionContext
 from orgwallet.schema.extensions import DomainErrorCodes
+from orgwallet.schema.limits import CachedDocuments, DocumentCache, QueryLimits
 from orgwallet.schema.notifications import BalanceAlert, Notification
 from orgwallet.schema.purchases import Purchase, TokenPackage
 from orgwallet.schema.scalars import SCALAR_MAP
@@ -47,10 +50,32 @@ def should_mask(error: GraphQLError) -> bool:
     return not isinstance(original, GraphQLError)
 
 
-def build_schema(settings: Settings | None = None) -> strawberry.Schema:
+def unexpected(error: GraphQLError) -> bool:
+    """An error of ours (a bug, a failure), as opposed to a typed error or the client's mistake."""
+    return should_mask(error) and not isinstance(error.original_error, OrgWalletError)
+
+
+class Schema(strawberry.Schema):
+    """Logs only the unexpected errors (with their traceback): a typed error or the client's
+    mistake (a forged token, a bad query) is an answer, not an incident. An authentication
+    failure is logged once, as one line, where the credential is read (``GraphQLEndpoint``)."""
+
+    def process_errors(
+        self, errors: list[GraphQLError], execution_context: OperationContext | None = None
+    ) -> None:
+        for error in errors:
+            if unexpected(error):
+                StrawberryLogger.error(error, execution_context)
+
+
+def build_schema(
+    settings: Settings | None = None, documents: DocumentCache | None = None
+) -> strawberry.Schema:
+    """``documents``: the cache of parsed and validated documents (a new one by default)."""
     settings = settings or Settings()
+    documents = DocumentCache() if documents is None else documents
     depth_rules = QueryDepthLimiter(max_depth=settings.max_query_depth).validation_rules
-    return strawberry.Schema(
+    return Schema(
         query=Query,
         mutation=Mutation,
         types=[
@@ -68,15 +93,17 @@ def build_schema(settings: Settings | None = None) -> strawberry.Schema:
         execution_context_class=ExecutionContext,
         extensions=[
             # Factories: extensions keep per-operation state, so each request gets its own;
-            # the parser and validation caches live at module level and are shared.
-            lambda: ParserCache(maxsize=1024),
-            lambda: ValidationCache(maxsize=1024),
-            # One depth rule per schema: a rule class made per request (what QueryDepthLimiter
-            # does) is part of the ValidationCache's key, so the cache would never hit.
+            # the cache of parsed and validated documents is the schema's, shared.
+            lambda: CachedDocuments(documents),
+            # One depth rule per schema: the cache keys documents by their text alone, so
+            # the rules must be the same for every request (QueryDepthLimiter makes a rule
+            # class per request).
             lambda: AddValidationRules(depth_rules),
             lambda: MaxTokensLimiter(max_token_count=settings.max_query_tokens),
+            lambda: QueryLimits(max_cost=settings.max_query_cost, cache=documents),
             lambda: MaskErrors(should_mask_error=should_mask, error_message="Unexpected error."),
             DomainErrorCodes,  # after MaskErrors, so that it sees the errors first
+            lambda: GraphQLMetrics(unexpected=unexpected),  # last: it sees the errors as raised
         ],
     )
 

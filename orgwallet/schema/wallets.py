@@ -181,6 +181,9 @@ class LedgerEntryConnection:
     page_info: relay.PageInfo
 
 
+MAX_SEQ = 2**63 - 1  # entries are numbered in a bigint: a cursor past it names no entry
+
+
 def encode_cursor(seq: int) -> str:
     return base64.urlsafe_b64encode(f"seq:{seq}".encode()).decode()
 
@@ -188,7 +191,7 @@ def encode_cursor(seq: int) -> str:
 def decode_cursor(cursor: str) -> int:
     try:
         prefix, _, seq = base64.urlsafe_b64decode(cursor.encode()).decode().partition(":")
-        if prefix != "seq":
+        if prefix != "seq" or not 0 <= int(seq) <= MAX_SEQ:
             raise ValueError(prefix)
         return int(seq)
     except (ValueError, UnicodeDecodeError) as exc:

@@ -6,7 +6,7 @@ import asyncio
 import math
 import time
 import uuid
-import weakref
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -29,10 +29,10 @@ LAST_USED_RESOLUTION = timedelta(minutes=1)
 #: many times a second, and each lookup is a round trip. A remembered principal is served only
 #: while the set of keys has not changed: at most every REVOCATION_CHECK_SECONDS, one cheap query
 #: per process (``count(*), count(revoked_at)`` over api_keys, which any revocation or removal
-#: changes) tells, and when it changed the process forgets every principal. So a revoked key is
-#: refused everywhere within about REVOCATION_CHECK_SECONDS of the revocation's commit, and at
-#: once by the process that revoked it. PRINCIPAL_CACHE_SECONDS bounds how long one lookup is
-#: trusted at all.
+#: changes) tells, and when it changed the process forgets every principal. So a key revoked by
+#: another process is refused here within about REVOCATION_CHECK_SECONDS of the revocation's
+#: commit; the process that revoked it refuses it from the moment ``revokeApiKey`` answers
+#: (``PrincipalCache.revoked``). PRINCIPAL_CACHE_SECONDS bounds how long one lookup is trusted.
 PRINCIPAL_CACHE_SECONDS = 300.0
 REVOCATION_CHECK_SECONDS = 1.0
 PRINCIPAL_CACHE_SIZE = 100_000
@@ -41,32 +41,37 @@ _KEY_SET_VERSION = "SELECT count(*), count(revoked_at) FROM api_keys"
 
 
 class PrincipalCache:
-    """API key principals of one app (one process), checked against the key set's version."""
+    """API key principals of one app (one process), checked against the key set's version.
 
-    def __init__(self, driver: DriverPool) -> None:
+    What is remembered is tagged with the version and this process's *generation*, which a
+    revocation committed here moves: a lookup (or a version read) that began before the
+    revocation committed may have seen the key unrevoked, and is then not kept."""
+
+    def __init__(self, driver: DriverPool, monotonic: Callable[[], float] = time.monotonic) -> None:
         self._driver = driver
-        # secret hash -> (monotonic expiry, key set version when looked up, principal)
+        self._monotonic = monotonic
+        # secret hash -> (monotonic expiry, version when looked up, principal)
         self._principals: dict[str, tuple[float, object, ApiKeyPrincipal]] = {}
-        self._version: object = None
+        self._key_set: object = None
+        self._generation = 0
         self._checked_at = -math.inf
         self._check: asyncio.Future[None] | None = None
-        _caches.add(self)
 
     @property
     def version(self) -> object:
-        """The key set's version as last read: pass it to ``remember`` for a lookup that starts."""
-        return self._version
+        """The version as last known: pass it to ``remember`` for a lookup that starts now."""
+        return (self._key_set, self._generation)
 
     async def get(self, secret_hash: str) -> ApiKeyPrincipal | None:
         if secret_hash not in self._principals:
             return None
-        if time.monotonic() - self._checked_at >= REVOCATION_CHECK_SECONDS:
+        if self._monotonic() - self._checked_at >= REVOCATION_CHECK_SECONDS:
             await self._recheck()
         found = self._principals.get(secret_hash)
         if found is None:
             return None
         expires, version, principal = found
-        if version != self._version or time.monotonic() >= expires:
+        if version != self.version or self._monotonic() >= expires:
             self._principals.pop(secret_hash, None)
             return None
         return principal
@@ -74,14 +79,18 @@ class PrincipalCache:
     def remember(self, secret_hash: str, principal: ApiKeyPrincipal, version: object) -> None:
         """``version``: ``self.version`` when the lookup began. A lookup that raced a change of
         the key set (a revocation) carries the version before it and is not kept."""
-        if version != self._version:
+        if version != self.version:
             return
         if len(self._principals) >= PRINCIPAL_CACHE_SIZE:
             self._principals.clear()  # rare; a full sweep is simpler than keeping LRU order
-        self._principals[secret_hash] = (time.monotonic() + PRINCIPAL_CACHE_SECONDS, version, principal)
+        self._principals[secret_hash] = (self._monotonic() + PRINCIPAL_CACHE_SECONDS, version, principal)
 
-    def forget(self, secret_hash: str) -> None:
-        self._principals.pop(secret_hash, None)
+    def revoked(self) -> None:
+        """A revocation has committed (in this process): forget everything, and refuse what
+        lookups and version reads in flight bring back (they may predate the commit)."""
+        self._generation += 1
+        self._principals.clear()
+        self._checked_at = -math.inf
 
     async def _recheck(self) -> None:
         """Reads the key set's version; concurrent callers share one query."""
@@ -94,26 +103,19 @@ class PrincipalCache:
 
     async def _read_version(self) -> None:
         try:
-            started = time.monotonic()
+            started, generation = self._monotonic(), self._generation
             # On the driver's pool: the requests that arrive meanwhile wait for this read, so
             # it is kept to one prepared statement (no session, no greenlet).
             async with self._driver.acquire() as connection:
-                version = tuple(await connection.fetchrow(_KEY_SET_VERSION))
-            if version != self._version:
+                key_set = tuple(await connection.fetchrow(_KEY_SET_VERSION))
+            if generation != self._generation:
+                return  # read before a revocation committed here: it proves nothing
+            if key_set != self._key_set:
                 self._principals.clear()
-                self._version = version
+                self._key_set = key_set
             self._checked_at = started
         finally:
             self._check = None
-
-
-_caches: weakref.WeakSet[PrincipalCache] = weakref.WeakSet()
-
-
-def forget_principal(secret_hash: str) -> None:
-    """A revoked key leaves every cache of this process at once."""
-    for cache in list(_caches):
-        cache.forget(secret_hash)
 
 
 def _scopes(values: list[str]) -> list[str]:
@@ -164,11 +166,15 @@ async def create_api_key(
 
 
 async def revoke_api_key(session: AsyncSession, principal: Principal, api_key_id: uuid.UUID) -> ApiKey:
+    """Revokes the key (once: a second call changes nothing). The caller tells the process's
+    ``PrincipalCache`` once the revocation has committed (``PrincipalCache.revoked``)."""
     key = await session.get(ApiKey, api_key_id, with_for_update=True)
-    if key is None:
-        raise NotFound("API key not found")
-    await access.authorize(session, principal, key.organization_id, Permission.MEMBERS_MANAGE)
-    forget_principal(key.secret_hash)
+    try:
+        if key is None:
+            raise NotFound("API key not found")
+        await access.authorize(session, principal, key.organization_id, Permission.MEMBERS_MANAGE)
+    except NotFound:  # another organization's key is answered as a missing one, word for word
+        raise NotFound("API key not found") from None
     if key.revoked_at is None:
         key.revoked_at = utcnow()
         await audit.record(

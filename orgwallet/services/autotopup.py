@@ -652,6 +652,8 @@ async def start_top_up(runtime: Runtime, organization_id: uuid.UUID, trigger: st
             now=now,
         )
         purchase = outcome.purchase
+        if outcome.provider_error is not None:
+            return "provider_failed"
         if outcome.declined is not None and not purchases.needs_action(purchase):
             return "declined"
     if purchases.needs_action(purchase) and purchase.action_url is None:

@@ -45,6 +45,7 @@ class NotificationKind(enum.StrEnum):
     AUTO_TOP_UP_DISABLED = "auto_top_up_disabled"
     SPEND_CAP_REACHED = "spend_cap_reached"
     PAYMENT_ACTION_REQUIRED = "payment_action_required"
+    PURCHASE_DISPUTE_WON = "purchase_dispute_won"  # a won dispute gave the tokens back
 
 
 #: Who gets a notification by e-mail: those who can act on billing.

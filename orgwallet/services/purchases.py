@@ -23,10 +23,10 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -90,13 +90,70 @@ class CheckoutStarted:
     replayed: bool = False
 
 
+class PaymentProviderError(OrgWalletError):
+    """Stripe (or the way to it) failed on a call that was not a decline: the purchase it was
+    for is FAILED with the reason (never left PENDING with nobody to finish it)."""
+
+    code = "PAYMENT_PROVIDER_ERROR"
+
+    def __init__(self, message: str, purchase: Purchase | None = None) -> None:
+        super().__init__(message)
+        self.purchase = purchase
+
+
+def provider_failure(error: stripe.StripeError) -> str:
+    """What a failed call to Stripe tells the buyer. After a lost connection or a server error
+    Stripe may have charged all the same: then its webhook credits the purchase as usual."""
+    detail = error.user_message or type(error).__name__
+    if _indeterminate(error):
+        return (
+            f"the payment provider could not be reached or failed ({detail}); if the payment went "
+            "through after all, the tokens are added when the provider confirms it"
+        )
+    return f"the payment provider refused the request ({detail})"
+
+
+def _indeterminate(error: stripe.StripeError) -> bool:
+    """Whether Stripe may have done what it was asked (the answer was lost, or it failed)."""
+    return isinstance(error, stripe.APIConnectionError | stripe.APIError | stripe.RateLimitError)
+
+
+#: A Checkout purchase whose session Stripe never confirmed is removed after this long.
+ABANDONED_AFTER = timedelta(hours=1)
+
+
+async def remove_abandoned(sessions: async_sessionmaker[AsyncSession], now: datetime) -> int:
+    """Removes Checkout purchases left without a session (Stripe failed, and nobody came back
+    with the same key): they hold no money, no tokens and no page anyone could pay."""
+    async with transaction(sessions) as session:
+        result = await session.execute(
+            delete(Purchase).where(
+                col(Purchase.status) == PurchaseStatus.PENDING,
+                col(Purchase.method) == PurchaseMethod.CHECKOUT,
+                col(Purchase.checkout_session_id).is_(None),
+                col(Purchase.created_at) < now - ABANDONED_AFTER,
+            )
+        )
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+@contextmanager
+def _provider_call() -> Iterator[None]:
+    """Stripe calls made before any purchase exists: a failure is a typed error, nothing more."""
+    try:
+        yield
+    except stripe.StripeError as error:
+        raise PaymentProviderError(provider_failure(error)) from error
+
+
 @dataclass(frozen=True, slots=True)
 class SavedCardOutcome:
     """The purchase after the charge; ``declined`` when the card was declined (the purchase
-    is then FAILED with the reason)."""
+    is then FAILED with the reason), ``provider_error`` when Stripe itself failed (FAILED too)."""
 
     purchase: Purchase
     declined: PaymentDeclined | None = None
+    provider_error: PaymentProviderError | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,11 +386,22 @@ async def start_checkout(
 
     try:
         link = await _payment_checkout(sessions, gateway, purchase, product_name, success, cancel)
-    except Exception:
-        if key is None:  # nobody can come back for it: the failed request leaves nothing behind
+    except Exception as error:
+        # Without a key, or when Stripe surely made nothing (it refused the request), nobody can
+        # come back for the purchase: the failed request leaves nothing behind. With a key, after
+        # a lost answer or a server error Stripe may have made the session: the purchase waits
+        # for the same key (the same Stripe idempotency key gives the same session), and the
+        # ``purchases.abandoned`` duty removes it if nobody comes back.
+        maybe_made = not isinstance(error, stripe.StripeError) or _indeterminate(error)
+        if key is None or not maybe_made:
             async with transaction(sessions) as session:
                 await session.execute(delete(Purchase).where(col(Purchase.id) == purchase.id))
-        raise
+        if not isinstance(error, stripe.StripeError):
+            raise
+        reason = provider_failure(error)
+        if key is not None and maybe_made:
+            reason += "; try again with the same idempotency key"
+        raise PaymentProviderError(reason) from error
 
     async with transaction(sessions) as session:
         purchase = await _lock(session, purchase.id)
@@ -374,7 +442,12 @@ async def _payment_checkout(
         "product_name": product_name,
         "success_url": success_url,
         "cancel_url": cancel_url,
-        "metadata": {"organization_id": str(organization_id), "reference": purchase.reference},
+        # What the hosted pages and receipts show besides the amount (as Stripe carries it).
+        "metadata": {
+            "organization_id": str(organization_id),
+            "reference": purchase.reference,
+            "tokens": str(purchase.tokens),
+        },
     }
     try:
         return await gateway.create_payment_checkout(
@@ -449,7 +522,8 @@ async def purchase_with_saved_card(
             priced = await _price(session, settings, organization_id, package_id, tokens)
         customer_id, payment_method = await _saved_card(session, organization_id)
     if not payment_method:
-        payment_method = await _stripe_default_card(gateway, organization_id, customer_id)
+        with _provider_call():
+            payment_method = await _stripe_default_card(gateway, organization_id, customer_id)
     if priced is not None:
         async with transaction(sessions) as session:
             purchase = await _insert(session, principal, organization_id, priced, method, key)
@@ -496,6 +570,7 @@ async def charge_saved_card(
                 "purchase_id": str(purchase.id),
                 "organization_id": str(purchase.organization_id),
                 "reference": purchase.reference,
+                "tokens": str(purchase.tokens),
             },
             idempotency_key=f"purchase-{purchase.id}-charge",
             description=f"{purchase.tokens} tokens ({purchase.reference})",
@@ -511,6 +586,14 @@ async def charge_saved_card(
                 await _failed(session, failed, now)
             await session.flush()
         return SavedCardOutcome(failed, declined)
+    except stripe.StripeError as error:
+        reason = provider_failure(error)
+        async with transaction(sessions) as session:
+            failed = await _lock(session, purchase.id)
+            if failed.payment_intent_id is None:  # a webhook may have linked (or paid) it meanwhile
+                await fail_purchase(session, failed, reason, now)
+            await session.flush()
+        return SavedCardOutcome(failed, provider_error=PaymentProviderError(reason, failed))
     async with transaction(sessions) as session:
         charged = await _lock(session, purchase.id)
         link_payment_intent(charged, intent.id)
@@ -627,22 +710,13 @@ async def insert_auto_top_up(
     return purchase
 
 
-async def setup_payment_method(
+async def _setup_checkout(
     sessions: async_sessionmaker[AsyncSession],
-    principal: Principal,
     gateway: StripeGateway,
     organization_id: uuid.UUID,
-    *,
-    success_url: str,
-    cancel_url: str,
-) -> CheckoutLink:
-    """A Checkout Session in setup mode: the card saved there becomes the organization's
-    default payment method when its webhook arrives. Stripe is called between two short
-    transactions: the authorization, and the audit row."""
-    async with transaction(sessions) as session:
-        await access.authorize(session, principal, organization_id, Permission.TOKENS_PURCHASE)
-    success = _url(success_url, "successUrl")
-    cancel = _url(cancel_url, "cancelUrl")
+    success: str,
+    cancel: str,
+) -> tuple[str, CheckoutLink]:
     customer_id = await _customer(sessions, gateway, organization_id)
     metadata = {"organization_id": str(organization_id)}
     attempt = uuid.uuid4()
@@ -665,6 +739,27 @@ async def setup_payment_method(
             idempotency_key=f"org-{organization_id}-setup-{attempt}-2",
             metadata=metadata,
         )
+    return customer_id, link
+
+
+async def setup_payment_method(
+    sessions: async_sessionmaker[AsyncSession],
+    principal: Principal,
+    gateway: StripeGateway,
+    organization_id: uuid.UUID,
+    *,
+    success_url: str,
+    cancel_url: str,
+) -> CheckoutLink:
+    """A Checkout Session in setup mode: the card saved there becomes the organization's
+    default payment method when its webhook arrives. Stripe is called between two short
+    transactions: the authorization, and the audit row."""
+    async with transaction(sessions) as session:
+        await access.authorize(session, principal, organization_id, Permission.TOKENS_PURCHASE)
+    success = _url(success_url, "successUrl")
+    cancel = _url(cancel_url, "cancelUrl")
+    with _provider_call():
+        customer_id, link = await _setup_checkout(sessions, gateway, organization_id, success, cancel)
     async with transaction(sessions) as session:
         await audit.record(
             session,
@@ -1086,6 +1181,13 @@ async def expire_purchase(session: AsyncSession, purchase: Purchase, now: dateti
     return "expired"
 
 
+def _refunded_status(purchase: Purchase) -> PurchaseStatus:
+    """A credited purchase's status as its refunds leave it (no dispute standing)."""
+    if purchase.refunded_minor >= purchase.amount_minor:
+        return PurchaseStatus.REFUNDED
+    return PurchaseStatus.PARTIALLY_REFUNDED if purchase.refunded_minor > 0 else PurchaseStatus.PAID
+
+
 async def _claw_back(
     session: AsyncSession, purchase: Purchase, tokens: int, *, key: str, reason: str
 ) -> tuple[int, int]:
@@ -1138,8 +1240,7 @@ async def apply_refund(
     purchase.tokens_clawed_back += taken
     purchase.shortfall += short
     if purchase.status != PurchaseStatus.DISPUTED:
-        full = refunded >= purchase.amount_minor
-        purchase.status = PurchaseStatus.REFUNDED if full else PurchaseStatus.PARTIALLY_REFUNDED
+        purchase.status = _refunded_status(purchase)
     purchase.updated_at = _now()
     await session.flush()
     _stripe_audit(
@@ -1192,6 +1293,36 @@ class StripeNotRead(RuntimeError):
     findable, uncredited, in between): the event fails, and is handled again when retried."""
 
 
+def _dispute_key(purchase: Purchase, dispute_id: str) -> str:
+    """The ledger key of what a dispute took back (``ledger.reinstate`` gives it back)."""
+    return f"purchase:{purchase.id}:dispute:{dispute_id}"
+
+
+def _note_dispute(purchase: Purchase, dispute: dict[str, Any]) -> None:
+    """The dispute's amount and opening time, from the first of its events that is applied."""
+    dispute_id = str(dispute.get("id"))
+    if purchase.dispute_id == dispute_id and purchase.dispute_opened_at is not None:
+        return
+    amount, created = dispute.get("amount"), dispute.get("created")
+    purchase.dispute_id = dispute_id
+    purchase.dispute_amount_minor = (
+        amount if isinstance(amount, int) and amount >= 0 else purchase.amount_minor - purchase.refunded_minor
+    )
+    purchase.dispute_opened_at = datetime.fromtimestamp(created, UTC) if isinstance(created, int) else _now()
+    purchase.dispute_tokens_taken = purchase.dispute_shortfall = purchase.dispute_tokens_returned = 0
+
+
+def _dispute_snapshot(purchase: Purchase) -> dict[str, Any]:
+    return {
+        "dispute_id": purchase.dispute_id,
+        "dispute_status": purchase.dispute_status,
+        "dispute_tokens_taken": purchase.dispute_tokens_taken,
+        "dispute_tokens_returned": purchase.dispute_tokens_returned,
+        "tokens_clawed_back": purchase.tokens_clawed_back,
+        "shortfall": purchase.shortfall,
+    }
+
+
 async def apply_dispute(
     session: AsyncSession,
     purchase: Purchase,
@@ -1200,8 +1331,9 @@ async def apply_dispute(
     charge: stripe.Charge | None,
 ) -> str:
     """``charge.dispute.created`` (or a closed dispute seen first): takes back everything left
-    of the purchase's tokens; what was spent is the shortfall. ``charge``: the disputed charge,
-    read from Stripe before the transaction when the purchase was not credited yet."""
+    of the purchase's tokens; what was spent is the shortfall. Both are recorded as the
+    dispute's, for a won dispute to give back. ``charge``: the disputed charge, read from
+    Stripe before the transaction when the purchase was not credited yet."""
     dispute_id = str(dispute.get("id"))
     status = str(dispute.get("status") or "")
     if purchase.dispute_id == dispute_id and purchase.dispute_status in CLOSED_DISPUTE_STATES:
@@ -1224,13 +1356,15 @@ async def apply_dispute(
         session,
         purchase,
         owed,
-        key=f"purchase:{purchase.id}:dispute:{dispute_id}",
+        key=_dispute_key(purchase, dispute_id),
         reason=f"dispute of purchase {purchase.reference}",
     )
+    _note_dispute(purchase, dispute)
     purchase.tokens_clawed_back += taken
     purchase.shortfall += short
+    purchase.dispute_tokens_taken += taken
+    purchase.dispute_shortfall += short
     purchase.status = PurchaseStatus.DISPUTED
-    purchase.dispute_id = dispute_id
     if purchase.dispute_status not in CLOSED_DISPUTE_STATES:
         purchase.dispute_status = status or None
     purchase.updated_at = _now()
@@ -1262,17 +1396,22 @@ async def close_dispute(
     dispute: dict[str, Any],
     event_id: str,
     charge: stripe.Charge | None,
+    now: datetime | None = None,
 ) -> str:
-    """``charge.dispute.closed``: records the outcome (won or lost). The tokens taken back when
-    the dispute opened stay taken back; a lost dispute seen before its opening is applied
-    (``charge`` as for ``apply_dispute``)."""
+    """``charge.dispute.closed`` (and ``funds_reinstated``): records the outcome. Won: what the
+    dispute took back is given back (``_win_dispute``). Lost: the tokens stay taken back; a
+    lost dispute seen before its opening is applied (``charge`` as for ``apply_dispute``)."""
     dispute_id = str(dispute.get("id"))
     status = str(dispute.get("status") or "")
-    if purchase.dispute_id != dispute_id and status != "won":
+    if status == "won":
+        return await _win_dispute(session, purchase, dispute, event_id, now)
+    if purchase.dispute_id != dispute_id:
         await apply_dispute(session, purchase, dispute, event_id, charge)
     before = {"dispute_id": purchase.dispute_id, "dispute_status": purchase.dispute_status}
-    purchase.dispute_id = dispute_id
+    _note_dispute(purchase, dispute)
     purchase.dispute_status = status
+    if status in CLOSED_DISPUTE_STATES and purchase.dispute_closed_at is None:
+        purchase.dispute_closed_at = now or _now()
     purchase.updated_at = _now()
     await session.flush()
     _stripe_audit(
@@ -1283,6 +1422,69 @@ async def close_dispute(
         after={"dispute_id": dispute_id, "dispute_status": status, "stripe_event": event_id},
     )
     return f"dispute_{status}" if status else "dispute_closed"
+
+
+async def _win_dispute(
+    session: AsyncSession, purchase: Purchase, dispute: dict[str, Any], event_id: str, now: datetime | None
+) -> str:
+    """A dispute closed in our favour: the tokens its opening took back return, through the
+    ledger, to the lot they came from (once: the key is derived from the dispute, and the
+    ledger never gives back more than that clawback took, so a refund's clawback stays),
+    the purchase is again PAID or PARTIALLY_REFUNDED, and the organization is told. Won
+    before its opening was seen, nothing was taken and nothing is given back; the late
+    opening is then ignored (``apply_dispute``), so either order ends with the same balance."""
+    dispute_id = str(dispute.get("id"))
+    if purchase.dispute_id == dispute_id and purchase.dispute_status == "won":
+        return "already_won"
+    before = _purchase_snapshot(purchase) | _dispute_snapshot(purchase)
+    returned = 0
+    if purchase.dispute_id == dispute_id and purchase.lot_id is not None:
+        key = _dispute_key(purchase, dispute_id)
+        posting = await ledger.reinstate(
+            session,
+            purchase.lot_id,
+            clawback_key=key,
+            key=f"{key}:won",
+            actor=STRIPE_ACTOR,
+            reason=f"dispute of purchase {purchase.reference} won",
+        )
+        returned = posting.entry.amount if posting.entry is not None and not posting.replayed else 0
+        purchase.tokens_clawed_back -= returned
+        purchase.shortfall -= purchase.dispute_shortfall
+        purchase.dispute_tokens_returned += returned
+        if purchase.status == PurchaseStatus.DISPUTED:
+            purchase.status = _refunded_status(purchase)
+    _note_dispute(purchase, dispute)
+    purchase.dispute_status = "won"
+    purchase.dispute_closed_at = now or _now()
+    purchase.updated_at = _now()
+    await session.flush()
+    _stripe_audit(
+        session,
+        purchase,
+        "purchase.dispute_won",
+        before=before,
+        after=_purchase_snapshot(purchase)
+        | _dispute_snapshot(purchase)
+        | {"tokens_returned": returned, "stripe_event": event_id},
+    )
+    taken = purchase.dispute_tokens_taken
+    await notifications.notify(
+        session,
+        purchase.organization_id,
+        NotificationKind.PURCHASE_DISPUTE_WON,
+        key=f"purchase-dispute-won:{purchase.id}:{dispute_id}",
+        title=f"Dispute of purchase {purchase.reference} won",
+        body=f"The bank dispute of purchase {purchase.reference} was decided in your favour: "
+        + (
+            f"the {returned:,} tokens it had taken back were given back to the wallet."
+            if returned
+            else "it had taken no tokens back, so none were given back."
+        ),
+        data=_notice_data(purchase)
+        | {"dispute": dispute_id, "tokensTakenBack": taken, "tokensReturned": returned},
+    )
+    return "dispute_won"
 
 
 def _charge_payment(charge: dict[str, Any], event_id: str) -> Payment:

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import base64
+import json
+import math
 import re
 import uuid
+from dataclasses import dataclass
+from typing import Any
 
 from strawberry.relay import GlobalID
 
+from orgwallet.config import Settings
 from orgwallet.errors import InvalidInput, NotFound
 
 SLUG_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$")
@@ -56,6 +61,53 @@ def token_amount(value: object, field: str = "amount") -> int:
         raise InvalidInput(f"{field} must be a whole number of tokens", field=field)
     if not 1 <= value <= MAX_SAFE_INTEGER:
         raise InvalidInput(f"{field} must be between 1 and {MAX_SAFE_INTEGER}", field=field)
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class MetadataLimits:
+    """What a client may store in an object's ``metadata``: its size as JSON (UTF-8 bytes)
+    and how deep objects and lists nest (a flat object is 1 deep)."""
+
+    max_bytes: int = 8192
+    max_depth: int = 5
+
+    @classmethod
+    def of(cls, settings: Settings) -> MetadataLimits:
+        return cls(max_bytes=settings.max_metadata_bytes, max_depth=settings.max_metadata_depth)
+
+
+DEFAULT_METADATA_LIMITS = MetadataLimits()
+
+
+def metadata(
+    value: object, limits: MetadataLimits = DEFAULT_METADATA_LIMITS, field: str = "metadata"
+) -> dict[str, Any] | None:
+    """A JSON object within ``limits``, whose keys and strings hold no NUL character and whose
+    numbers are finite (PostgreSQL's jsonb refuses both). The depth is measured without
+    recursion, before anything serializes it: a value nested thousands deep gets the same
+    typed error as one nested six deep."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{field} must be a JSON object", field=field)
+    pending: list[tuple[Any, int]] = [(value, 1)]
+    while pending:
+        node, depth = pending.pop()
+        if depth > limits.max_depth:
+            raise InvalidInput(f"{field} must not nest more than {limits.max_depth} levels deep", field=field)
+        for key, child in node.items() if isinstance(node, dict) else ((None, child) for child in node):
+            if (isinstance(key, str) and "\x00" in key) or (isinstance(child, str) and "\x00" in child):
+                raise InvalidInput(f"{field} must not contain NUL characters (\\u0000)", field=field)
+            if isinstance(child, float) and not math.isfinite(child):
+                raise InvalidInput(f"{field} numbers must be finite", field=field)
+            if isinstance(child, dict | list):
+                pending.append((child, depth + 1))
+    size = len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
+    if size > limits.max_bytes:
+        raise InvalidInput(
+            f"{field} must be at most {limits.max_bytes} bytes of JSON, not {size}", field=field
+        )
     return value
 
 

@@ -61,12 +61,6 @@ def _reason(value: str | None) -> str | None:
     return validation.text(value, "reason", max_length=1000, required=False) or None
 
 
-def _metadata(value: Any) -> Any:
-    if value is not None and not isinstance(value, dict):
-        raise InvalidInput("metadata must be a JSON object", field="metadata")
-    return value
-
-
 async def consume_tokens(
     session: AsyncSession,
     principal: Principal,
@@ -76,6 +70,7 @@ async def consume_tokens(
     key: str,
     reason: str | None = None,
     metadata: Any = None,
+    metadata_limits: validation.MetadataLimits = validation.DEFAULT_METADATA_LIMITS,
 ) -> ledger.Posting:
     """Spends tokens inside the caller's unit of work (``session``'s transaction)."""
     await access.authorize(session, principal, organization_id, Permission.TOKENS_CONSUME)
@@ -87,7 +82,7 @@ async def consume_tokens(
         key=validation.idempotency_key(key),
         actor=principal.actor,
         reason=_reason(reason),
-        metadata=_metadata(metadata),
+        metadata=validation.metadata(metadata, metadata_limits),
     )
 
 
@@ -100,6 +95,7 @@ async def consume_tokens_batched(
     key: str,
     reason: str | None = None,
     metadata: Any = None,
+    metadata_limits: validation.MetadataLimits = validation.DEFAULT_METADATA_LIMITS,
 ) -> ledger.Posting:
     """Spends tokens in a transaction of their own, through the group commit: batched with the
     concurrent consumptions of the same wallet (``ledger.batching``). ``granted``: the caller's
@@ -111,7 +107,7 @@ async def consume_tokens_batched(
         key=validation.idempotency_key(key),
         actor=actor,
         reason=_reason(reason),
-        metadata=_metadata(metadata),
+        metadata=validation.metadata(metadata, metadata_limits),
     )
 
 

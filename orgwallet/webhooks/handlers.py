@@ -296,17 +296,29 @@ async def charge_dispute_created(ctx: EventContext, dispute: JsonObject) -> str:
 
 
 async def prefetch_charge_dispute_closed(ctx: PrefetchContext, dispute: JsonObject) -> Fetched:
-    """A won dispute takes nothing back; a lost one seen first is applied as if just opened."""
+    """A won dispute reads nothing (it gives back only what its opening took); a lost one seen
+    first is applied as if just opened."""
     if dispute.get("status") == "won":
         return Fetched()
     return await prefetch_charge_dispute_created(ctx, dispute)
 
 
 async def charge_dispute_closed(ctx: EventContext, dispute: JsonObject) -> str:
+    """Won: the tokens the dispute took back are given back. Lost: they stay taken back."""
     purchase = await _dispute_purchase(ctx, dispute)
     if purchase is None:
         return _unknown(ctx, dispute)
-    return await purchases.close_dispute(ctx.session, purchase, dispute, ctx.event_id, ctx.fetched.charge)
+    return await purchases.close_dispute(
+        ctx.session, purchase, dispute, ctx.event_id, ctx.fetched.charge, ctx.now
+    )
+
+
+async def charge_dispute_funds_reinstated(ctx: EventContext, dispute: JsonObject) -> str:
+    """Stripe gives the disputed funds back: the dispute was won. Sent with (before) its
+    ``closed``; whichever comes first gives the tokens back, the other finds it done."""
+    if dispute.get("status") != "won":
+        return "ignored"
+    return await charge_dispute_closed(ctx, dispute)
 
 
 async def prefetch_setup_intent_succeeded(ctx: PrefetchContext, setup_intent: JsonObject) -> Fetched:
@@ -340,6 +352,7 @@ HANDLERS: dict[str, Handler] = {
     "charge.refunded": charge_refunded,
     "charge.dispute.created": charge_dispute_created,
     "charge.dispute.closed": charge_dispute_closed,
+    "charge.dispute.funds_reinstated": charge_dispute_funds_reinstated,
     "setup_intent.succeeded": setup_intent_succeeded,
 }
 

@@ -36,6 +36,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from orgwallet import metrics
 from orgwallet.db.engine import DriverPool, driver_connection, transaction
 from orgwallet.payments.gateway import InvalidStripeWebhook, StripeGateway
 from orgwallet.webhooks.handlers import HANDLERS, PREFETCH, EventContext, Fetched, PrefetchContext
@@ -81,6 +82,11 @@ def _row(event: dict[str, Any], payload: str) -> dict[str, Any]:
     }
 
 
+def _type_label(event: dict[str, Any]) -> str:
+    """The event's type as a metrics label: the types we handle, or ``other``."""
+    return event["type"] if event["type"] in HANDLERS else "other"
+
+
 def _object(event: dict[str, Any]) -> dict[str, Any] | None:
     data = event.get("data")
     obj = data.get("object") if isinstance(data, dict) else None
@@ -96,6 +102,18 @@ async def handle_event(
 ) -> tuple[int, str]:
     """Stores and handles one verified event: (HTTP status, outcome). ``now``: the runtime's
     clock (the machine's when not given)."""
+    status, outcome = await _handle_event(sessions, gateway, event, payload, now)
+    metrics.stripe_event(_type_label(event), outcome)
+    return status, outcome
+
+
+async def _handle_event(
+    sessions: async_sessionmaker[AsyncSession],
+    gateway: StripeGateway,
+    event: dict[str, Any],
+    payload: str,
+    now: datetime | None,
+) -> tuple[int, str]:
     try:
         obj = _object(event)
         prefetch = PREFETCH.get(event["type"])
@@ -141,10 +159,12 @@ def stripe_webhook_route(
         except (InvalidStripeWebhook, ValueError) as error:
             message = error.message if isinstance(error, InvalidStripeWebhook) else "the body is not JSON"
             log.info("rejected a Stripe webhook delivery: %s", message)
+            metrics.stripe_event("unverified", "bad_signature")
             return JSONResponse({"error": message}, status_code=400)
         async with driver.acquire() as connection:
             handled = await connection.fetchval(_ALREADY_HANDLED, event["id"])
         if handled:
+            metrics.stripe_event(_type_label(event), "duplicate")
             return JSONResponse({"received": True, "outcome": "duplicate"})
         status, outcome = await handle_event(sessions, gateway, event, body.decode(), clock())
         return JSONResponse({"received": status < 300, "outcome": outcome}, status_code=status)

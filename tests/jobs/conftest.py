@@ -28,6 +28,7 @@ from orgwallet.clock import ManualClock
 from orgwallet.config import Settings
 from orgwallet.jobs import worker
 from orgwallet.runtime import Runtime
+from tests.helpers import eventually as eventually  # for the tests of this package
 
 START = datetime(2027, 3, 1, 9, 30, tzinfo=UTC)
 _SHORT = timedelta(seconds=0.2)
@@ -189,18 +190,6 @@ def workers(settings: Settings, tmp_path: Path) -> Iterator[Workers]:
     group = Workers(settings, tmp_path / "clock", {})
     yield group
     group.stop_all()
-
-
-async def eventually(check: Any, *, within: float = 30.0, what: str = "the condition") -> Any:
-    """Polls ``check`` (async, truthy when done) until it holds: for work other processes do."""
-    deadline = asyncio.get_running_loop().time() + within
-    while True:
-        result = await check()
-        if result:
-            return result
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 from tests.purchasing import shop  # noqa: E402, F401 (the fixture, for the top-up tests)

@@ -1,6 +1,6 @@
-"""A Stripe world for payment tests: the simulator mounted at /_stripe in a host app, the
-gateway (real SDK) reaching it in-process, a recording webhook receiver, and a "browser".
-No database."""
+"""A Stripe world for payment tests: the simulator mounted at /_stripe in a host app (its
+state in the test's database), the gateway (real SDK) reaching it in-process, a recording
+webhook receiver, and a "browser" (no key: what it opens is the hosted pages)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ import stripe
 from fastapi import FastAPI
 
 from orgwallet.payments.gateway import CheckoutLink, StripeGateway, TransportHTTPClient
-from orgwallet.payments.simulator import SIMULATOR_SECRET_KEY, Simulator, create_simulator
+from orgwallet.payments.simulator import Simulator, create_simulator
 
+SECRET_KEY = "sk_test_payments_0123456789abcdef"  # the test simulator's only key
+KEYED = {"Authorization": f"Bearer {SECRET_KEY}"}  # for its /test controls
 WEBHOOK_SECRET = "whsec_test_payments_0123456789"
 HOST = "http://stripe.test"
 API_BASE = f"{HOST}/_stripe"
@@ -118,20 +120,25 @@ class StripeWorld:
 
 
 @pytest.fixture
-async def stripe_world() -> AsyncIterator[StripeWorld]:
+async def stripe_world(database_url: str) -> AsyncIterator[StripeWorld]:
     inbox = Inbox()
     host = FastAPI()
     stripe_app, simulator = create_simulator(
-        webhook_secret=WEBHOOK_SECRET, public_base_url=API_BASE, deliver=inbox, retry_delays=FAST_RETRIES
+        secret_key=SECRET_KEY,
+        database_url=database_url,
+        webhook_secret=WEBHOOK_SECRET,
+        public_base_url=API_BASE,
+        deliver=inbox,
+        retry_delays=FAST_RETRIES,
     )
     host.mount("/_stripe", stripe_app)
     transport = httpx.ASGITransport(app=host)
     gateway = StripeGateway(
-        SIMULATOR_SECRET_KEY, WEBHOOK_SECRET, api_base=API_BASE, http_client=TransportHTTPClient(transport)
+        SECRET_KEY, WEBHOOK_SECRET, api_base=API_BASE, http_client=TransportHTTPClient(transport)
     )
     async with httpx.AsyncClient(transport=transport, base_url=HOST) as browser:
         yield StripeWorld(gateway, simulator, inbox, browser, transport)
-        await simulator.webhooks.cancel_all()
+        await simulator.close()
     await gateway.close()
 
 

@@ -1,7 +1,8 @@
 """The offline purchase flow in a real browser, as the README tells a developer to try it:
-`orgwallet serve` (embedded PostgreSQL, Stripe simulator), startCheckout over HTTP GraphQL,
-the checkout page in headless Chromium, the test card typed, Pay clicked, and the wallet
-balance then shows the tokens (credited by the simulator's signed webhook).
+`orgwallet serve` (embedded PostgreSQL, Stripe simulator), startCheckout over HTTP GraphQL
+with the README's success URL, the checkout page in headless Chromium with the test card
+already there, Pay clicked, the simulator's "payment received" page and the receipt, and the
+wallet balance then shows the tokens (credited by the simulator's signed webhook).
 
 Needs Debian's ``chromium`` (``.ci/run`` installs it); driven by Playwright with that
 executable (Playwright never downloads a browser here)."""
@@ -17,6 +18,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +140,7 @@ CREATE_ORG = """mutation { createOrganization(input: {name: "Browser Co"}) {
 PACKAGES = "query($org: ID!) { packages(organizationId: $org) { id code } }"
 START = """mutation($input: StartCheckoutInput!) { startCheckout(input: $input) {
   __typename
-  ... on CheckoutStarted { checkoutUrl purchase { id status } }
+  ... on CheckoutStarted { checkoutUrl purchase { id reference status } }
   ... on UserError { code message } } }"""
 WALLET = "query($org: ID!) { organization(id: $org) { wallet { balance } } }"
 STATE = """query($org: ID!, $purchase: ID!) {
@@ -147,7 +149,14 @@ STATE = """query($org: ID!, $purchase: ID!) {
 }"""
 
 
+def day(at: datetime) -> str:
+    """A date as the receipt writes it."""
+    return f"{at.day} {at:%B %Y}"
+
+
 async def test_pay_on_the_checkout_page_in_chromium(served: Served) -> None:
+    """As the README says: the card is already there, Pay, the simulator's own "payment
+    received" page, and its receipt."""
     from playwright.async_api import async_playwright
 
     token = mint_token(Settings(jwt_secret=JWT_SECRET), subject="browser-buyer", email=None, admin=False)
@@ -159,13 +168,15 @@ async def test_pay_on_the_checkout_page_in_chromium(served: Served) -> None:
         start = {
             "organizationId": org,
             "packageId": package,
-            "successUrl": f"{served.base}/healthz?paid=1",
-            "cancelUrl": f"{served.base}/healthz?cancelled=1",
+            "successUrl": f"{served.base}/_stripe/done/{{CHECKOUT_SESSION_ID}}",
+            "cancelUrl": f"{served.base}/_stripe/cancelled",
         }
         started = (await graphql(http, START, {"input": start}, token))["startCheckout"]
         assert started["__typename"] == "CheckoutStarted", started
         url = started["checkoutUrl"]
+        reference = started["purchase"]["reference"]
         assert url.startswith(f"{served.base}/_stripe/checkout/cs_test_"), url
+        session_id = url.rsplit("/", 1)[-1]
 
         async with async_playwright() as playwright:
             browser = await playwright.chromium.launch(
@@ -175,9 +186,24 @@ async def test_pay_on_the_checkout_page_in_chromium(served: Served) -> None:
                 page = await browser.new_page()
                 await page.goto(url)
                 assert "$45.00" in await page.inner_text("#amount")
-                await page.fill("#card_number", "4242 4242 4242 4242")
+                assert await page.input_value("#card_number") == "4242 4242 4242 4242"
+                assert "Browser Co" in await page.inner_text("main")
+                assert await page.inner_text("#test-mode") == "TEST MODE"
+                paid_from = datetime.now(UTC)
                 await page.click("#pay")
-                await page.wait_for_url(f"{served.base}/healthz?paid=1", timeout=15_000)
+                await page.wait_for_url(f"{served.base}/_stripe/done/{session_id}", timeout=15_000)
+                done = await page.inner_text("main")
+                assert "Payment received" in done
+                assert "50 tokens for Browser Co" in done and reference in done
+
+                await page.click("#receipt")
+                await page.wait_for_url(f"{served.base}/_stripe/receipts/ch_*", timeout=15_000)
+                receipt_url = page.url
+                paid_at = await page.inner_text("#date-paid")
+                assert any(day(at) in paid_at for at in (paid_from, datetime.now(UTC))), paid_at
+                assert await page.inner_text("#reference") == reference
+                assert await page.inner_text("#tokens") == "50"
+                assert "4242" in await page.inner_text("#payment-method")
             finally:
                 await browser.close()
 
@@ -190,4 +216,4 @@ async def test_pay_on_the_checkout_page_in_chromium(served: Served) -> None:
             assert time.monotonic() < deadline, f"no tokens after paying: {state}"
             await asyncio.sleep(0.2)
         assert state["purchase"]["status"] == "PAID"
-        assert state["purchase"]["receiptUrl"].startswith(f"{served.base}/_stripe/receipts/ch_")
+        assert state["purchase"]["receiptUrl"] == receipt_url

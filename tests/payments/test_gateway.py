@@ -33,7 +33,7 @@ class TestCreateCustomer:
         first = await gateway.create_customer(name="A", email=None, metadata={}, idempotency_key="org-1-cus")
         again = await gateway.create_customer(name="A", email=None, metadata={}, idempotency_key="org-1-cus")
         assert again.id == first.id
-        assert len(stripe_world.simulator.events("customer.created")) == 1
+        assert len(await stripe_world.simulator.events("customer.created")) == 1
 
     async def test_same_key_with_other_parameters_is_refused(self, stripe_world: StripeWorld) -> None:
         gateway = stripe_world.gateway
@@ -71,7 +71,7 @@ class TestCreatePaymentCheckout:
         assert session.metadata.to_dict() == {"purchase_id": "pur-42"}
         assert session.client_reference_id == "pur-42"
         assert session.cancel_url == CANCEL_URL
-        items = stripe_world.simulator.checkout_line_items(link.session_id)["data"]
+        items = (await stripe_world.simulator.checkout_line_items(link.session_id))["data"]
         assert [(i["description"], i["quantity"], i["amount_total"]) for i in items] == [
             ("50 tokens", 1, 4500)
         ]
@@ -214,7 +214,7 @@ class TestChargeSavedPaymentMethod:
         with pytest.raises(PaymentDeclined) as again:
             await self.charge(stripe_world, customer_id, payment_method_id, "pur-off-charge")
         assert again.value.payment_intent_id == declined.payment_intent_id
-        assert len(stripe_world.simulator.events("payment_intent.payment_failed")) == 1
+        assert len(await stripe_world.simulator.events("payment_intent.payment_failed")) == 1
 
     async def test_a_card_of_another_customer_is_refused(self, stripe_world: StripeWorld) -> None:
         owner = await stripe_world.customer("Owner")

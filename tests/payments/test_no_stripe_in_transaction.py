@@ -26,7 +26,6 @@ from orgwallet.config import Settings
 from orgwallet.db.engine import RemoteCallInTransaction, assert_no_transaction, transaction
 from orgwallet.payments.gateway import StripeGateway, TransportHTTPClient
 from orgwallet.payments.runtime import INTERNAL_BASE_URL, SIMULATOR_MOUNT
-from orgwallet.payments.simulator import SIMULATOR_SECRET_KEY
 from orgwallet.payments.simulator.delivery import encode_event
 from orgwallet.webhooks import handle_event
 from tests.payments.test_purchases import buy_with_saved_card
@@ -112,7 +111,7 @@ async def stripe(shop: Shop, settings: Settings) -> AsyncIterator[WatchedStripe]
     )
     watched = WatchedStripe(httpx.ASGITransport(app=shop.app), watcher)
     watched.gateway = StripeGateway(
-        SIMULATOR_SECRET_KEY,
+        settings.simulator_secret_key,
         settings.webhook_secret,
         api_base=INTERNAL_BASE_URL + SIMULATOR_MOUNT,
         http_client=TransportHTTPClient(watched),
@@ -133,7 +132,7 @@ async def handle(shop: Shop, stripe: WatchedStripe, event_type: str) -> list[tup
     """Stripe's events of that type not handed yet, handled as the webhook route does, with the
     watched gateway: (status, outcome) of each."""
     handled = []
-    for event in shop.simulator.events(event_type):
+    for event in await shop.simulator.events(event_type):
         if event["id"] in stripe.handed:
             continue
         stripe.handed.add(event["id"])
@@ -183,7 +182,7 @@ class TestTheGuard:
             with pytest.raises(RemoteCallInTransaction, match="Stripe create_customer called"):
                 await shop.gateway.create_customer(name="in", email=None, metadata={}, idempotency_key="in")
         assert_no_transaction("a call after it")
-        assert shop.simulator.events("customer.created") == []
+        assert await shop.simulator.events("customer.created") == []
 
     async def test_every_stripe_call_of_the_gateway_refuses_a_transaction(
         self, shop: Shop, stripe: WatchedStripe
@@ -283,7 +282,9 @@ class TestAnAnswerLost:
 
     async def test_the_same_key_again_gets_the_same_session(self, shop: Shop, stripe: WatchedStripe) -> None:
         stripe.lose_answer("POST", "/v1/checkout/sessions$")
-        assert (await self.start(shop, "buy-1")).get("errors")
+        lost_answer = (await self.start(shop, "buy-1"))["data"]["startCheckout"]
+        assert lost_answer["__typename"] == "PaymentProviderError", lost_answer
+        assert "try again with the same idempotency key" in lost_answer["message"]
         [lost] = self.sessions_made(stripe)
         [row] = await shop.sql("SELECT id, status, checkout_url FROM purchases")
         assert (row.status, row.checkout_url) == ("pending", None)
@@ -308,7 +309,8 @@ class TestAnAnswerLost:
     async def test_without_a_key_nothing_is_left(self, shop: Shop, stripe: WatchedStripe) -> None:
         """As before Stripe was called outside the transaction: a failed request writes nothing."""
         stripe.lose_answer("POST", "/v1/checkout/sessions$")
-        assert (await self.start(shop, None)).get("errors")
+        answer = (await self.start(shop, None))["data"]["startCheckout"]
+        assert answer["__typename"] == "PaymentProviderError", answer
         assert len(self.sessions_made(stripe)) == 1
         assert await shop.sql("SELECT id FROM purchases") == []
 
@@ -334,7 +336,7 @@ class TestWebhooksAskStripeFirst:
         result = await buy_with_saved_card(shop, "k1", tokens=40)
         [row] = await shop.sql("SELECT payment_intent_id, lot_id FROM purchases")
         assert row.payment_intent_id and row.lot_id is None  # paid; Stripe's events not handled yet
-        shop.simulator.open_dispute({"payment_intent": row.payment_intent_id})
+        await shop.simulator.open_dispute({"payment_intent": row.payment_intent_id})
         assert await handle(shop, stripe, "charge.dispute.created") == [(200, "disputed")]
         assert len(stripe.requests("GET", "/v1/charges/")) == 1  # was it paid? Stripe's word
         assert await shop.purchase_entries() == [("purchase", 40), ("clawback", -40)]

@@ -15,13 +15,15 @@ import uvicorn
 from fastapi import FastAPI, Request, Response
 
 from orgwallet.payments.gateway import InvalidStripeWebhook, StripeGateway
-from orgwallet.payments.simulator import (
-    SIMULATOR_SECRET_KEY,
-    Simulator,
-    create_simulator,
-    http_webhook_target,
+from orgwallet.payments.simulator import Simulator, create_simulator, http_webhook_target
+from tests.payments.conftest import (
+    CANCEL_URL,
+    FAST_RETRIES,
+    KEYED,
+    SECRET_KEY,
+    SUCCESS_URL,
+    WEBHOOK_SECRET,
 )
-from tests.payments.conftest import CANCEL_URL, FAST_RETRIES, SUCCESS_URL, WEBHOOK_SECRET
 
 
 class Server:
@@ -59,13 +61,15 @@ class Served:
 
 
 @pytest.fixture
-async def served() -> AsyncIterator[Served]:
+async def served(database_url: str) -> AsyncIterator[Served]:
     host = FastAPI()
     server = Server(host)
-    receiver = StripeGateway(SIMULATOR_SECRET_KEY, WEBHOOK_SECRET, api_base=f"{server.base_url}/_stripe")
+    receiver = StripeGateway(SECRET_KEY, WEBHOOK_SECRET, api_base=f"{server.base_url}/_stripe")
 
     async with httpx.AsyncClient(base_url=server.base_url, timeout=10) as http:
         stripe_app, simulator = create_simulator(
+            secret_key=SECRET_KEY,
+            database_url=database_url,
             webhook_secret=WEBHOOK_SECRET,
             public_base_url=f"{server.base_url}/_stripe",
             deliver=http_webhook_target(http, "/webhooks/stripe"),
@@ -88,12 +92,12 @@ async def served() -> AsyncIterator[Served]:
         host.mount("/_stripe", stripe_app)
         async with server:
             yield served
-            await simulator.webhooks.cancel_all()
+            await simulator.close()
     await receiver.close()
 
 
 async def test_checkout_paid_over_http(served: Served) -> None:
-    gateway = StripeGateway(SIMULATOR_SECRET_KEY, WEBHOOK_SECRET, api_base=f"{served.base_url}/_stripe")
+    gateway = StripeGateway(SECRET_KEY, WEBHOOK_SECRET, api_base=f"{served.base_url}/_stripe")
     try:
         customer = await gateway.create_customer(
             name="Net", email=None, metadata={}, idempotency_key="net-cus"
@@ -124,6 +128,7 @@ async def test_checkout_paid_over_http(served: Served) -> None:
             forged = await browser.post(
                 f"{served.base_url}/_stripe/test/events/{completed.id}/deliver",
                 json={"secret": "whsec_wrong"},
+                headers=KEYED,
             )
             assert forged.status_code == 200
             await served.simulator.drain(5)

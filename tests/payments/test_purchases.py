@@ -86,7 +86,7 @@ class TestStartCheckout:
     async def test_one_stripe_customer_per_organization(self, shop: Shop) -> None:
         await shop.checkout(tokens=5)
         await shop.checkout(tokens=6)
-        assert len(shop.simulator.events("customer.created")) == 1
+        assert len(await shop.simulator.events("customer.created")) == 1
         [row] = await shop.sql("SELECT customer_id FROM stripe_customers")
         assert row.customer_id.startswith("cus_")
 
@@ -120,7 +120,7 @@ class TestStartCheckout:
         assert (result["__typename"], result["field"]) == ("InvalidInput", field), result
         assert await count(shop, "purchases") == 0
         assert await count(shop, "stripe_customers") == 0
-        assert shop.simulator.events("customer.created") == []
+        assert await shop.simulator.events("customer.created") == []
 
     async def test_an_unknown_or_archived_package(self, shop: Shop) -> None:
         missing = "VG9rZW5QYWNrYWdlOjAwMDAwMDAwLTAwMDAtNzAwMC04MDAwLTAwMDAwMDAwMDAwMA=="
@@ -139,7 +139,7 @@ class TestStartCheckout:
         again, again_url = await shop.checkout(package="tokens-50", key="buy-1")
         assert (again["id"], again_url) == (first["id"], first_url)
         assert await count(shop, "purchases") == 1
-        assert len([e for e in shop.simulator.events() if e["type"] == "customer.created"]) == 1
+        assert len([e for e in await shop.simulator.events() if e["type"] == "customer.created"]) == 1
         conflict = await shop.start_checkout(package="tokens-100", key="buy-1")
         assert (conflict["__typename"], conflict["code"]) == ("IdempotencyConflict", "IDEMPOTENCY_CONFLICT")
         custom = await shop.start_checkout(tokens=7, key="buy-2")
@@ -245,7 +245,7 @@ class TestSavedCard:
         again = await buy_with_saved_card(shop, "k1")
         assert again["purchase"]["id"] == paid["id"]
         await shop.drain()
-        assert len(shop.simulator.events("payment_intent.succeeded")) == 1
+        assert len(await shop.simulator.events("payment_intent.succeeded")) == 1
         assert await shop.purchase_entries() == [("purchase", 100)]
         conflict = await buy_with_saved_card(shop, "k1", tokens=3)
         assert conflict["__typename"] == "IdempotencyConflict"
@@ -265,7 +265,7 @@ class TestSavedCard:
         assert await shop.purchase_entries() == []
         again = await buy_with_saved_card(shop, "k1", tokens=30)
         assert (again["__typename"], again["purchase"]["id"]) == ("PaymentDeclined", result["purchase"]["id"])
-        assert len(shop.simulator.events("payment_intent.payment_failed")) == 1
+        assert len(await shop.simulator.events("payment_intent.payment_failed")) == 1
 
     async def test_who_may_save_a_card(self, shop: Shop) -> None:
         await add_member(shop.client, shop.org, subject=f"{shop.owner}-m", role="MEMBER", as_=shop.owner)

@@ -11,15 +11,14 @@ import pytest
 import stripe
 
 from orgwallet.payments.gateway import STRIPE_API_VERSION, PaymentDeclined, TransportHTTPClient
-from orgwallet.payments.simulator import SIMULATOR_SECRET_KEY
 from orgwallet.payments.simulator.forms import decode_form
-from tests.payments.conftest import API_BASE, CANCEL_URL, FAST_RETRIES, StripeWorld, key
+from tests.payments.conftest import API_BASE, CANCEL_URL, FAST_RETRIES, KEYED, SECRET_KEY, StripeWorld, key
 
 AUTHENTICATION_REQUIRED_CARD = "4000 0027 6000 3184"
 
 
 async def control(world: StripeWorld, path: str, body: dict[str, Any] | None = None) -> httpx.Response:
-    return await world.browser.post(f"{API_BASE}/test/{path}", json=body or {})
+    return await world.browser.post(f"{API_BASE}/test/{path}", json=body or {}, headers=KEYED)
 
 
 class TestHostedCheckoutPage:
@@ -117,7 +116,7 @@ async def sdk(stripe_world: StripeWorld) -> AsyncIterator[stripe.StripeClient]:
     """The plain SDK on the simulator, to see Stripe's own errors (the gateway wraps them)."""
     http_client = TransportHTTPClient(stripe_world.transport)
     yield stripe.StripeClient(
-        SIMULATOR_SECRET_KEY,
+        SECRET_KEY,
         stripe_version=STRIPE_API_VERSION,
         base_addresses={"api": API_BASE},
         http_client=http_client,
@@ -361,7 +360,9 @@ class TestTestControls:
         await self.paid_session(stripe_world)
         await stripe_world.simulator.drain()
         listed = (
-            await stripe_world.browser.get(f"{API_BASE}/test/events?type=checkout.session.completed")
+            await stripe_world.browser.get(
+                f"{API_BASE}/test/events?type=checkout.session.completed", headers=KEYED
+            )
         ).json()
         [event] = listed["data"]
         [attempt] = event["deliveries"]
@@ -430,7 +431,7 @@ class TestWebhookDelivery:
         link = await stripe_world.payment_checkout(await stripe_world.customer())
         await stripe_world.submit(link, "pay", "4242424242424242")
         assert [e.type for e in await stripe_world.delivered_events()] == ["checkout.session.completed"]
-        assert stripe_world.simulator.events("payment_intent.succeeded")
+        assert await stripe_world.simulator.events("payment_intent.succeeded")
 
 
 class TestDecodeForm:

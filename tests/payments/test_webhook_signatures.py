@@ -10,7 +10,7 @@ import stripe
 
 from orgwallet.payments.gateway import InvalidStripeWebhook
 from orgwallet.payments.simulator import stripe_signature
-from tests.payments.conftest import API_BASE, WEBHOOK_SECRET, StripeWorld
+from tests.payments.conftest import API_BASE, KEYED, WEBHOOK_SECRET, StripeWorld
 
 
 async def one_delivery(world: StripeWorld) -> tuple[bytes, str]:
@@ -68,12 +68,12 @@ class TestConstructEvent:
 
     async def test_controls_send_deliveries_that_must_be_rejected(self, stripe_world: StripeWorld) -> None:
         await stripe_world.customer()
-        [event] = stripe_world.simulator.events("customer.created")
+        [event] = await stripe_world.simulator.events("customer.created")
         await stripe_world.simulator.drain()
         stripe_world.inbox.deliveries.clear()
         for body in ({"secret": "whsec_wrong"}, {"timestamp": int(time.time()) - 3600}):
             response = await stripe_world.browser.post(
-                f"{API_BASE}/test/events/{event['id']}/deliver", json=body
+                f"{API_BASE}/test/events/{event['id']}/deliver", json=body, headers=KEYED
             )
             assert response.status_code == 200
         await stripe_world.simulator.drain()

@@ -15,7 +15,7 @@ from orgwallet.auth import api_keys as key_secrets
 from orgwallet.auth.permissions import Permission
 from orgwallet.auth.principals import ApiKeyPrincipal
 from orgwallet.services import api_keys as key_service
-from tests.helpers import REVOKE_API_KEY, GraphQLClient, create_api_key, create_org, error_code
+from tests.helpers import REVOKE_API_KEY, GraphQLClient, create_api_key, create_org, error_code, eventually
 
 ORG = "query($id: ID!) { organization(id: $id) { id } }"
 
@@ -62,17 +62,70 @@ async def test_a_known_key_costs_no_lookup_and_revoking_it_here_counts_at_once(
 
 
 async def test_a_revocation_by_another_process_counts_within_the_check_interval(
-    client: GraphQLClient, app: FastAPI, monkeypatch: pytest.MonkeyPatch
+    client: GraphQLClient, app: FastAPI
 ) -> None:
-    monkeypatch.setattr(key_service, "REVOCATION_CHECK_SECONDS", 0.2)
+    cache: key_service.PrincipalCache = app.state.runtime.principals
+    now = [1000.0]
+    cache._monotonic = lambda: now[0]
     org = await create_org(client, "olga")
     key_id, secret = await create_api_key(client, org, scopes=["tokens.view"], as_="olga")
     for _ in range(2):
         assert error_code(await client.raw(ORG, {"id": org}, bearer=secret), "organization") is None
     await revoke_in_sql(app, key_id)
-    await asyncio.sleep(0.25)
+    now[0] += key_service.REVOCATION_CHECK_SECONDS / 2
+    body = await client.raw(ORG, {"id": org}, bearer=secret)  # within the interval: remembered
+    assert error_code(body, "organization") is None
+    now[0] += key_service.REVOCATION_CHECK_SECONDS / 2
     body = await client.raw(ORG, {"id": org}, bearer=secret)
     assert error_code(body, "organization") == "UNAUTHENTICATED"
+
+
+SPEND = """
+mutation($org: ID!, $key: String!) {
+  consumeTokens(input: {organizationId: $org, amount: 1, idempotencyKey: $key}) { __typename }
+}
+"""
+
+
+async def _waiting_on_a_lock(app: FastAPI) -> bool:
+    async with app.state.runtime.engine.connect() as connection:
+        waiting = await connection.scalar(
+            text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+        )
+    return bool(waiting)
+
+
+async def test_a_key_revoked_here_is_refused_as_soon_as_the_mutation_answers(
+    client: GraphQLClient, app: FastAPI
+) -> None:
+    """The revocation is held open (its audit row waits on a table lock) while the key is used:
+    that use reads the key unrevoked and is remembered. Once the mutation has answered, the
+    process refuses the key all the same, however recently it was checked."""
+    org = await create_org(client, "olga")
+    key_id, secret = await create_api_key(client, org, scopes=["tokens.view", "tokens.consume"], as_="olga")
+    assert (
+        error_code(await client.raw(SPEND, {"org": org, "key": "a"}, bearer=secret), "consumeTokens") is None
+    )
+
+    async with app.state.runtime.engine.connect() as holder:
+        await holder.execute(text("LOCK TABLE audit_log IN SHARE ROW EXCLUSIVE MODE"))
+        revoking = asyncio.create_task(client.data(REVOKE_API_KEY, {"key": key_id}, as_="olga"))
+        await eventually(lambda: _waiting_on_a_lock(app), what="the revocation to wait on the lock")
+        assert not revoking.done()
+        for attempt in "bc":  # not revoked yet: accepted, and remembered
+            body = await client.raw(SPEND, {"org": org, "key": attempt}, bearer=secret)
+            assert error_code(body, "consumeTokens") is None
+        await holder.rollback()  # the revocation proceeds and commits
+        revoked = await revoking
+    assert revoked["revokeApiKey"]["__typename"] == "ApiKeyRevoked"
+
+    body = await client.raw(SPEND, {"org": org, "key": "d"}, bearer=secret)
+    assert error_code(body, "consumeTokens") == "UNAUTHENTICATED"
+    async with app.state.runtime.engine.connect() as connection:
+        spent = await connection.scalar(
+            text("SELECT count(*) FROM ledger_entries WHERE kind = 'consumption'")
+        )
+    assert spent == 3
 
 
 async def test_a_lookup_that_raced_a_revocation_is_not_kept(client: GraphQLClient, app: FastAPI) -> None:

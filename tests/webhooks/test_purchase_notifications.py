@@ -20,7 +20,7 @@ async def test_a_paid_purchase_is_told_once_whatever_is_delivered_again(shop: Sh
     purchase, url = await shop.checkout(package="tokens-50")
     await shop.pay(url)
     for event in shop.simulator.webhooks.attempts[:]:  # every event of the payment, again
-        shop.simulator.redeliver(event.event_id, times=2)
+        await shop.simulator.redeliver(event.event_id, times=2)
     await shop.drain()
     [paid] = await told(shop)
     assert paid["kind"] == "PURCHASE_PAID" and paid["title"] == "50 tokens added"
@@ -31,7 +31,7 @@ async def test_a_failed_payment_and_a_refund_are_told(shop: Shop) -> None:
     failed, failed_url = await shop.checkout(package="tokens-100")
     await shop.press(failed_url, "pay_async")
     await shop.drain()
-    shop.simulator.settle_async_payment(session_id(failed_url), succeeded=False)
+    await shop.simulator.settle_async_payment(session_id(failed_url), succeeded=False)
     await shop.drain()
     purchase, url = await shop.checkout(package="tokens-50")
     await shop.pay(url)

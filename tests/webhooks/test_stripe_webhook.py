@@ -23,8 +23,8 @@ def hold_deliveries(shop: Shop) -> None:
 
 async def deliver(shop: Shop, *event_types: str, times: int = 1) -> None:
     for event_type in event_types:
-        for event in shop.simulator.events(event_type):
-            shop.simulator.redeliver(event["id"], times=times)
+        for event in await shop.simulator.events(event_type):
+            await shop.simulator.redeliver(event["id"], times=times)
         await shop.drain()
 
 
@@ -54,7 +54,7 @@ async def paid_event(shop: Shop) -> dict[str, Any]:
     hold_deliveries(shop)
     _, url = await shop.checkout(package="tokens-50")
     await shop.pay(url)
-    [event] = shop.simulator.events("checkout.session.completed")
+    [event] = await shop.simulator.events("checkout.session.completed")
     return event
 
 
@@ -96,8 +96,8 @@ class TestVerification:
 
     async def test_the_simulators_own_forgeries_are_refused_and_retried(self, shop: Shop) -> None:
         event = await paid_event(shop)
-        shop.simulator.redeliver(event["id"], secret="whsec_wrong")
-        shop.simulator.redeliver(event["id"], timestamp=int(time.time()) - 3600)
+        await shop.simulator.redeliver(event["id"], secret="whsec_wrong")
+        await shop.simulator.redeliver(event["id"], timestamp=int(time.time()) - 3600)
         await shop.drain()
         attempts = [a for a in shop.simulator.webhooks.attempts if a.event_id == event["id"]]
         assert attempts and {a.status_code for a in attempts} == {400}
@@ -134,14 +134,14 @@ class TestCredit:
 
     async def test_the_same_event_ten_times_at_once_and_again_later(self, shop: Shop) -> None:
         event = await paid_event(shop)
-        shop.simulator.redeliver(event["id"], times=10)
+        await shop.simulator.redeliver(event["id"], times=10)
         await shop.drain()
         statuses = [a.status_code for a in shop.simulator.webhooks.attempts if a.event_id == event["id"]]
         assert statuses == [200] * 10
         assert await shop.purchase_entries() == [("purchase", 50)]
         # Later (signed afresh, as Stripe signs every retry): still once.
         await asyncio.sleep(1.1)
-        shop.simulator.redeliver(event["id"])
+        await shop.simulator.redeliver(event["id"])
         await deliver(shop, "payment_intent.succeeded", "checkout.session.async_payment_succeeded", times=3)
         assert await shop.purchase_entries() == [("purchase", 50)]
         [row] = [r for r in await shop.stripe_events() if r.event_id == event["id"]]
@@ -166,8 +166,8 @@ class TestCredit:
         _, url = await shop.checkout(package="tokens-10")
         await shop.pay(url)
         for event_type in ("checkout.session.completed", "payment_intent.succeeded"):
-            for event in shop.simulator.events(event_type):
-                shop.simulator.redeliver(event["id"], times=5)
+            for event in await shop.simulator.events(event_type):
+                await shop.simulator.redeliver(event["id"], times=5)
         await shop.drain()
         assert await shop.purchase_entries() == [("purchase", 10)]
         assert await shop.violations() == {}
@@ -258,7 +258,7 @@ class TestNoTokens:
         await shop.press(url, "pay_async")
         await shop.drain()
         assert (await shop.purchase(purchase["id"]))["status"] == "PENDING"
-        shop.simulator.settle_async_payment(session_id(url), succeeded=False)
+        await shop.simulator.settle_async_payment(session_id(url), succeeded=False)
         await shop.drain()
         failed = await shop.purchase(purchase["id"])
         assert failed["status"] == "FAILED"
@@ -271,7 +271,7 @@ class TestNoTokens:
         await shop.press(url, "pay_async")
         await shop.drain()
         assert await shop.purchase_entries() == []
-        shop.simulator.settle_async_payment(session_id(url), succeeded=True)
+        await shop.simulator.settle_async_payment(session_id(url), succeeded=True)
         await shop.drain()
         assert (await shop.purchase(purchase["id"]))["status"] == "PAID"
         assert await shop.purchase_entries() == [("purchase", 100)]
@@ -329,7 +329,7 @@ class TestRefundsAndDisputes:
         fully = await shop.purchase(purchase["id"])
         assert (fully["status"], fully["refundedMinor"], fully["tokensClawedBack"]) == ("REFUNDED", 9000, 100)
         # The first refund's event again (amount_refunded 2250): nothing more.
-        [first, _] = shop.simulator.events("charge.refunded")
+        [first, _] = await shop.simulator.events("charge.refunded")
         event = {**first, "id": "evt_replayed_refund"}
         assert (await post(shop, encode_event(event), signed(shop, event))).status_code == 200
         assert len(await shop.purchase_entries()) == 3
@@ -338,7 +338,7 @@ class TestRefundsAndDisputes:
     async def test_a_dispute_takes_back_what_is_left(self, shop: Shop) -> None:
         purchase, intent = await self.paid(shop)
         await shop.spend(await shop.balance() - 40)  # 10 of the 50 purchased are spent
-        dispute = shop.simulator.open_dispute({"payment_intent": intent})
+        dispute = await shop.simulator.open_dispute({"payment_intent": intent})
         await shop.drain()
         assert await shop.purchase_entries() == [("purchase", 50), ("clawback", -40)]
         disputed = await shop.purchase(purchase["id"])
@@ -347,7 +347,7 @@ class TestRefundsAndDisputes:
             40,
             10,
         )
-        shop.simulator.close_dispute(dispute["id"], won=False)
+        await shop.simulator.close_dispute(dispute["id"], won=False)
         await shop.drain()
         [row] = await shop.sql("SELECT dispute_status, status FROM purchases")
         assert (row.dispute_status, row.status) == ("lost", "disputed")
@@ -382,7 +382,7 @@ class TestAFailingHandler:
         )
         purchase, url = await shop.checkout(package="tokens-50")
         await shop.pay(url)
-        [completed] = shop.simulator.events("checkout.session.completed")
+        [completed] = await shop.simulator.events("checkout.session.completed")
         attempts = [a.status_code for a in shop.simulator.webhooks.attempts if a.event_id == completed["id"]]
         assert attempts == [500] * 4
         [row] = [r for r in await shop.stripe_events() if r.event_id == completed["id"]]
@@ -393,7 +393,7 @@ class TestAFailingHandler:
         assert (await shop.purchase(purchase["id"]))["status"] == "PENDING"
 
         await shop.sql_write("DROP TRIGGER refuse_lots ON credit_lots; DROP FUNCTION refuse_lots();")
-        shop.simulator.redeliver(completed["id"])
+        await shop.simulator.redeliver(completed["id"])
         await shop.drain()
         assert await shop.purchase_entries() == [("purchase", 50)]
         [row] = [r for r in await shop.stripe_events() if r.event_id == completed["id"]]
@@ -411,7 +411,7 @@ class TestAFailingHandler:
             id=event["id"],
             payload=json.dumps(event),
         )
-        shop.simulator.redeliver(event["id"], times=5)
+        await shop.simulator.redeliver(event["id"], times=5)
         await shop.drain()
         assert await shop.purchase_entries() == [("purchase", 50)]
         [row] = [r for r in await shop.stripe_events() if r.event_id == event["id"]]

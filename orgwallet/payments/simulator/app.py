@@ -1,5 +1,11 @@
 """The simulator's HTTP face: Stripe's REST subset under ``/v1``, the hosted pages, and the
 test controls under ``/test``. Paths are relative to where the app is mounted (``/_stripe``).
+
+``/v1`` and ``/test`` answer only requests carrying the simulator's secret key (Stripe's 401
+otherwise); the hosted pages are open, as Stripe's are, each showing only its own object.
+Every request (but ``/test/drain``, which waits for deliveries) runs as one section of the
+account (``store``): its answer is sent once what it did is committed, and its events are
+then on their way.
 """
 
 from __future__ import annotations
@@ -13,24 +19,30 @@ from urllib.parse import parse_qsl
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from orgwallet.payments.gateway import STRIPE_API_VERSION
 from orgwallet.payments.simulator import pages
 from orgwallet.payments.simulator.cards import normalize
-from orgwallet.payments.simulator.core import IdempotentResult, JsonObject, Simulator, new_id
+from orgwallet.payments.simulator.core import Account, IdempotentResult, JsonObject, new_id
 from orgwallet.payments.simulator.delivery import DEFAULT_RETRY_DELAYS, WebhookTarget
 from orgwallet.payments.simulator.errors import StripeApiError
 from orgwallet.payments.simulator.forms import decode_form, param_list
+from orgwallet.payments.simulator.service import Simulator
 
 DECLINED_CARD = "4000000000000002"
 # Results Stripe does not keep under an idempotency key: requests refused before they ran.
 _NOT_REPLAYED = frozenset({400, 401, 409, 429})
+_KEYED = ("/v1", "/test")  # what needs the secret key; the rest are the hosted pages
+_OUTSIDE_SECTIONS = frozenset({"/test/drain"})
 
 Operation = Callable[[JsonObject], JsonObject]
 
 
 def create_simulator(
     *,
+    secret_key: str,
+    database_url: str,
     webhook_secret: str,
     public_base_url: str,
     deliver: WebhookTarget | None = None,
@@ -38,11 +50,16 @@ def create_simulator(
     api_version: str = STRIPE_API_VERSION,
     retry_delays: Sequence[float] = DEFAULT_RETRY_DELAYS,
     clock: Callable[[], float] = time.time,
+    business_name: str = pages.DEFAULT_BUSINESS_NAME,
 ) -> tuple[FastAPI, Simulator]:
-    """Build the simulator app and its state. ``public_base_url`` is where the app is
+    """Build the simulator app and its state. ``secret_key`` is the only API key it accepts;
+    ``database_url`` where its state is kept. ``public_base_url`` is where the app is
     reachable from a browser, mount path included (``http://localhost:8000/_stripe``).
-    ``clock`` stamps objects, events and signatures (tests may shift it)."""
+    ``clock`` stamps objects, events and signatures (tests may shift it). ``business_name`` is
+    the merchant the hosted pages show (Stripe shows the account's)."""
     simulator = Simulator(
+        secret_key=secret_key,
+        database_url=database_url,
         webhook_secret=webhook_secret,
         public_base_url=public_base_url,
         deliver=deliver,
@@ -53,10 +70,70 @@ def create_simulator(
     )
     app = FastAPI(title="Stripe simulator", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.simulator = simulator
-    _add_api_routes(app, simulator)
-    _add_page_routes(app, simulator)
+    _add_api_routes(app, simulator.account)
+    _add_page_routes(app, simulator.account, business_name)
     _add_test_routes(app, simulator)
+    app.add_middleware(SectionPerRequest, simulator=simulator)
     return app, simulator
+
+
+class SectionPerRequest:
+    """Checks the key of ``/v1`` and ``/test`` requests, then runs each request as one section
+    of the account: the body read first, the answer held until the section has committed."""
+
+    def __init__(self, app: ASGIApp, simulator: Simulator) -> None:
+        self.app = app
+        self.simulator = simulator
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = _route_path(scope)
+        if any(path == prefix or path.startswith(prefix + "/") for prefix in _KEYED):
+            headers = dict(scope["headers"])
+            refused = self.simulator.refusal(headers.get(b"authorization", b"").decode("latin-1"))
+            if refused is not None:
+                await _json(refused.status, refused.body(), new_id("req_", 14))(scope, receive, send)
+                return
+        if path in _OUTSIDE_SECTIONS:
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left before its request was whole
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        answer: list[Message] = []
+
+        async def hold(message: Message) -> None:
+            answer.append(message)
+
+        async with self.simulator.section():
+            await self.app(scope, replay, hold)
+        for message in answer:
+            await send(message)
+
+
+def _route_path(scope: Scope) -> str:
+    """The path under the mount point (Starlette keeps the full path and the mount in
+    ``root_path``)."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
 
 
 # -- /v1: Stripe's REST API --------------------------------------------------------------------
@@ -71,23 +148,10 @@ def _json(status: int, body: JsonObject, request_id: str, **headers: str) -> Res
     )
 
 
-def _authenticate(request: Request) -> StripeApiError | None:
-    scheme, _, key = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
-        return StripeApiError(
-            401,
-            "You did not provide an API key. Provide it in the Authorization header (Bearer sk_test_...).",
-        )
-    if not key.startswith("sk_test_"):
-        return StripeApiError(401, f"Invalid API Key provided: {key[:8]}****")
-    return None
-
-
-async def _call(request: Request, simulator: Simulator, operation: Operation) -> Response:
+async def _call(request: Request, account: Account, operation: Operation) -> Response:
+    """An API call, inside the request's section: the idempotency key's check, the operation
+    and the answer kept under the key are one atomic step."""
     request_id = new_id("req_", 14)
-    refused = _authenticate(request)
-    if refused is not None:
-        return _json(refused.status, refused.body(), request_id)
     try:
         if request.method == "POST":
             params = decode_form((await request.body()).decode())
@@ -102,7 +166,7 @@ async def _call(request: Request, simulator: Simulator, operation: Operation) ->
     key = request.headers.get("idempotency-key") if request.method == "POST" else None
     fingerprint = json.dumps([request.method, request.url.path, params], sort_keys=True)
     if key is not None:
-        previous = simulator.idempotent_results.get(key)
+        previous = account.idempotent_result(key)
         if previous is not None:
             if previous.fingerprint != fingerprint:
                 conflict = StripeApiError(
@@ -119,18 +183,17 @@ async def _call(request: Request, simulator: Simulator, operation: Operation) ->
                 request_id,
                 **{"Idempotent-Replayed": "true", "Idempotency-Key": key},
             )
-    # No await from here on: the operation and the idempotency record happen atomically.
     try:
-        status, body = 200, simulator.expand(operation(params), expand)
+        status, body = 200, account.expand(operation(params), expand)
     except StripeApiError as error:
         status, body = error.status, error.body()
     if key is not None and status not in _NOT_REPLAYED:
-        simulator.idempotent_results[key] = IdempotentResult(fingerprint, status, body)
+        account.keep_result(key, IdempotentResult(fingerprint, status, body))
     extra = {"Idempotency-Key": key} if key else {}
     return _json(status, body, request_id, **extra)
 
 
-def _add_api_routes(app: FastAPI, sim: Simulator) -> None:
+def _add_api_routes(app: FastAPI, sim: Account) -> None:
     def retrieve(object_name: str) -> Callable[[str], Operation]:
         return lambda object_id: lambda _params: sim.retrieve(object_id, object_name)
 
@@ -248,59 +311,112 @@ def _add_api_routes(app: FastAPI, sim: Simulator) -> None:
 
 
 def _after_checkout(url: str | None, session_id: str) -> str | None:
+    """Where the browser goes once a session is paid: its ``success_url``, with the session's id
+    in place of ``{CHECKOUT_SESSION_ID}``, as Stripe does (Stripe does it in no other URL)."""
     return url.replace("{CHECKOUT_SESSION_ID}", session_id) if url else None
 
 
-def _add_page_routes(app: FastAPI, sim: Simulator) -> None:
-    def render(
-        session_id: str, *, error: str | None = None, card_number: str = "", status: int = 200
-    ) -> Response:
+#: The pages load nothing from anywhere and may not be framed; the ids in their URLs stay out of
+#: caches and of the Referer of links leaving them.
+_PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; "
+    "frame-ancestors 'none'",
+    "Cache-Control": "no-store",
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+def _html(page: pages.Page) -> Response:
+    return HTMLResponse(page.html, page.status, headers=_PAGE_HEADERS)
+
+
+def _redirect(url: str) -> Response:
+    return RedirectResponse(url, status_code=303, headers=_PAGE_HEADERS)
+
+
+def _add_page_routes(app: FastAPI, sim: Account, business_name: str) -> None:
+    """Checkout (payment and setup modes), the simulator's own "payment received" (``/done/{cs}``)
+    and "payment cancelled" (``/cancelled``) pages, and receipts. Open without a key, as
+    Stripe's are; each shows only the object its URL names (an unknown id: a plain 404)."""
+
+    def checkout_session(session_id: str) -> JsonObject | None:
         session = sim.find(session_id)
-        if session is None or session["object"] != "checkout.session":
-            return HTMLResponse(pages.message_page("Not found", "There is no such checkout session."), 404)
-        if session["status"] == "complete":
-            return HTMLResponse(pages.message_page("Done", "This checkout session is complete."), status)
-        if session["status"] == "expired":
-            return HTMLResponse(pages.message_page("Expired", "This checkout session has expired."), 410)
-        items = sim.checkout_line_items(session_id)["data"]
-        return HTMLResponse(pages.checkout_page(session, items, error=error, card_number=card_number), status)
+        return session if session is not None and session["object"] == "checkout.session" else None
+
+    def checkout(
+        session: JsonObject, *, error: str | None = None, card_number: str | None = None, status: int = 200
+    ) -> pages.Page:
+        if session["status"] != "open":
+            return pages.closed_checkout_page(session, merchant=business_name, status=status)
+        items = sim.checkout_line_items(session["id"])["data"]
+        return pages.checkout_page(
+            session, items, merchant=business_name, error=error, card_number=card_number, status=status
+        )
+
+    def not_found(what: str) -> Response:
+        return _html(pages.not_found(what, merchant=business_name))
 
     @app.get("/checkout/{session_id}")
     async def checkout_page(session_id: str) -> Response:
-        return render(session_id)
+        session = checkout_session(session_id)
+        return not_found("checkout session") if session is None else _html(checkout(session))
 
     @app.post("/checkout/{session_id}")
     async def checkout_submit(request: Request, session_id: str) -> Response:
+        """The form's buttons: Pay (the typed card, or a test card's own button), Pay by bank
+        debit, Decline, Cancel. A declined card shows the page again with Stripe's message."""
         form = dict(parse_qsl((await request.body()).decode(errors="replace"), keep_blank_values=True))
         action = form.get("action", "pay")
-        card_number = form.get("card_number", "")
-        session = sim.find(session_id)
-        if session is None or session["object"] != "checkout.session" or session["status"] != "open":
-            return render(session_id, status=409)
+        card_number = form.get("test_card") or form.get("card_number", "")
+        session = checkout_session(session_id)
+        if session is None:
+            return not_found("checkout session")
+        if session["status"] != "open":
+            return _html(checkout(session, status=409))
         if action == "cancel":
-            target = session["cancel_url"]
-            if target:
-                return RedirectResponse(target, status_code=303)
-            return HTMLResponse(pages.message_page("Cancelled", "You cancelled the payment."))
+            return _redirect(session["cancel_url"] or f"{sim.public_base_url}/cancelled")
         try:
             done = sim.pay_checkout_session(
                 session_id,
                 DECLINED_CARD if action == "decline" else normalize(card_number),
                 async_payment=action == "pay_async",
             )
-        except StripeApiError as error:
-            return render(session_id, error=error.message, card_number=card_number, status=error.status)
+        except StripeApiError as error:  # the declined attempt is kept (the section commits)
+            page = checkout(session, error=error.message, card_number=card_number, status=error.status)
+            return _html(page)
         target = _after_checkout(done["success_url"], session_id)
-        if target:
-            return RedirectResponse(target, status_code=303)
-        return HTMLResponse(pages.message_page("Thank you", "Your payment is complete."))
+        return _redirect(target or f"{sim.public_base_url}/done/{session_id}")
+
+    @app.get("/done/{session_id}")
+    async def done_page(session_id: str) -> Response:
+        """Payment received (or processing, or a card saved) for this one session."""
+        session = checkout_session(session_id)
+        if session is None:
+            return not_found("checkout session")
+        intent = sim.find(session["payment_intent"]) if session.get("payment_intent") else None
+        charge = sim.find(intent["latest_charge"]) if intent and intent.get("latest_charge") else None
+        setup_intent = sim.find(session["setup_intent"]) if session.get("setup_intent") else None
+        method_id = setup_intent.get("payment_method") if setup_intent else None
+        payment_method = sim.find(method_id) if isinstance(method_id, str) else None
+        return _html(
+            pages.done_page(session, merchant=business_name, charge=charge, payment_method=payment_method)
+        )
+
+    @app.get("/cancelled")
+    async def cancelled_page() -> Response:
+        return _html(pages.cancelled_page(merchant=business_name))
 
     @app.get("/receipts/{charge_id}")
     async def receipt(charge_id: str) -> Response:
         charge = sim.find(charge_id)
         if charge is None or charge["object"] != "charge" or charge["receipt_url"] is None:
-            return HTMLResponse(pages.message_page("Not found", "There is no such receipt."), 404)
-        return HTMLResponse(pages.receipt_page(charge))
+            return not_found("receipt")
+        customer = sim.find(charge["customer"]) if charge.get("customer") else None
+        if customer is not None and customer["object"] != "customer":
+            customer = None
+        refunds = sim.refunds_of(charge_id)
+        return _html(pages.receipt_page(charge, merchant=business_name, customer=customer, refunds=refunds))
 
 
 # -- /test: controls a test (or a developer) uses in place of Stripe's dashboard --------------------
@@ -332,7 +448,9 @@ async def _control(request: Request, operation: Callable[[dict[str, Any]], Any])
     return Response(json.dumps(result), media_type="application/json")
 
 
-def _add_test_routes(app: FastAPI, sim: Simulator) -> None:
+def _add_test_routes(app: FastAPI, simulator: Simulator) -> None:
+    sim = simulator.account
+
     @app.post("/test/checkout_sessions/{session_id}/pay")
     async def pay(request: Request, session_id: str) -> Response:
         """``{"card_number": "4242 4242 4242 4242", "async_payment": false}``, as the page's Pay."""
@@ -420,22 +538,17 @@ def _add_test_routes(app: FastAPI, sim: Simulator) -> None:
 
     @app.get("/test/events")
     async def events(request: Request) -> Response:
-        """Events, oldest first (``?type=``), each with its delivery attempts."""
-        attempts: dict[str, list[JsonObject]] = {}
-        for attempt in sim.webhooks.attempts:
-            attempts.setdefault(attempt.event_id, []).append(attempt.as_json())
-        data = [
-            {**event, "deliveries": attempts.get(event["id"], [])}
-            for event in sim.events(request.query_params.get("type"))
-        ]
+        """Events, oldest first (``?type=``), each with its delivery attempts (by any process)."""
+        events = sim.events(request.query_params.get("type"))
+        attempts = await simulator.store.attempts([event["id"] for event in events])
+        data = [{**event, "deliveries": attempts.get(event["id"], [])} for event in events]
         return Response(json.dumps({"data": data}), media_type="application/json")
 
     @app.post("/test/drain")
     async def drain() -> Response:
-        """Wait (up to 10 s) until pending deliveries are done."""
+        """Wait (up to 10 s) until the deliveries this process is sending are done."""
         with contextlib.suppress(TimeoutError):
-            await sim.drain()
-        status = 200 if sim.webhooks.pending == 0 else 504
-        return Response(
-            json.dumps({"pending": sim.webhooks.pending}), status_code=status, media_type="application/json"
-        )
+            await simulator.drain()
+        pending = simulator.webhooks.pending
+        status = 200 if pending == 0 else 504
+        return Response(json.dumps({"pending": pending}), status_code=status, media_type="application/json")

@@ -1,13 +1,16 @@
 """The simulated Stripe account: its objects, the money movements, and the events they emit.
 
-Everything lives in memory in one ``Simulator`` object, so the simulator needs a single server
-worker (one process, one event loop). Operations are plain synchronous methods: between two
-``await`` points nothing else runs, so each operation (and the idempotency check around an API
-call) is atomic without locks. They must be called with an event loop running, because the
-events they emit are delivered by background tasks.
+``Account`` holds the logic: plain synchronous operations on Stripe-shaped JSON dicts (the
+fields this project reads, and the usual neighbours so the SDK's objects look familiar);
+callers get deep copies. Its state is a cache of records that ``store`` keeps in PostgreSQL:
+the objects by id, the test card behind each payment method, each Checkout Session's line
+items and payment or setup parameters, and the answers kept under idempotency keys.
 
-Objects are kept as Stripe-shaped JSON dicts (the fields this project reads, and the usual
-neighbours so the SDK's objects look familiar); callers get deep copies.
+An operation runs inside a *section* (``service.Simulator.run``, or a request to the
+simulator's app): the account's lock taken, the records other processes changed loaded, the
+operation run without an ``await`` (nothing else in the process sees it half done), then what
+it touched written back and the events it emitted queued for delivery, in one transaction.
+Outside a section the account refuses to be read or changed (its cache may be stale).
 """
 
 from __future__ import annotations
@@ -21,10 +24,11 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from orgwallet.payments.gateway import STRIPE_API_VERSION
 from orgwallet.payments.simulator import cards
 from orgwallet.payments.simulator.cards import Card, Decline
-from orgwallet.payments.simulator.delivery import DEFAULT_RETRY_DELAYS, WebhookDispatcher, WebhookTarget
 from orgwallet.payments.simulator.errors import StripeApiError, no_such
 from orgwallet.payments.simulator.forms import (
     param_bool,
@@ -38,6 +42,7 @@ from orgwallet.payments.simulator.forms import (
 JsonObject = dict[str, Any]
 
 SESSION_LIFETIME_SECONDS = 24 * 3600
+MAX_AMOUNT = 99_999_999  # Stripe's largest charge, in minor units
 OPEN_DISPUTE_STATUSES = frozenset(
     {"warning_needs_response", "warning_under_review", "needs_response", "under_review"}
 )
@@ -89,6 +94,11 @@ def _param_off_session(params: JsonObject) -> bool:
     )
 
 
+def _too_large(param: str) -> StripeApiError:
+    message = f"Amount must be no more than {MAX_AMOUNT:,} (minor units)."
+    return StripeApiError(400, message, code="amount_too_large", param=param)
+
+
 @dataclass(frozen=True)
 class IdempotentResult:
     fingerprint: str
@@ -96,63 +106,147 @@ class IdempotentResult:
     body: JsonObject
 
 
-class Simulator:
+@dataclass(frozen=True)
+class Delivery:
+    """An event to deliver, queued by an operation: sent once its section has committed.
+    ``secret`` and ``timestamp`` sign it otherwise (a test control's deliveries that must fail)."""
+
+    event_id: str
+    secret: str | None = None
+    timestamp: int | None = None
+
+
+# The kinds of records an account keeps, each a JSON value under (kind, key).
+OBJECT = "object"  # any Stripe object, by id
+CARD = "card"  # payment method id -> the test card number behind it
+LINE_ITEMS = "line_items"  # checkout session id -> its line items
+PAYMENT_INTENT_DATA = "payment_intent_data"  # checkout session id -> the intent's metadata, description
+SETUP_INTENT_METADATA = "setup_intent_metadata"  # checkout session id -> the setup intent's metadata
+IDEMPOTENCY = "idempotency"  # idempotency key -> [fingerprint, status, body]
+
+
+class Account:
     """One simulated Stripe account (test mode).
 
-    ``webhook_target``: where events are delivered (see ``delivery``); may be set later.
-    ``enabled_events``: event types delivered, like a Stripe webhook endpoint's
-    ``enabled_events`` (``None``: all). Every event is recorded and retrievable either way.
+    ``delivering()``: whether a webhook target is set. ``enabled_events``: event types
+    delivered, like a Stripe webhook endpoint's ``enabled_events`` (``None``: all). Every
+    event is recorded and retrievable either way.
     """
 
     def __init__(
         self,
         *,
-        webhook_secret: str,
         public_base_url: str,
-        deliver: WebhookTarget | None = None,
+        delivering: Callable[[], bool],
         enabled_events: Collection[str] | None = None,
         api_version: str = STRIPE_API_VERSION,
         clock: Callable[[], float] = time.time,
-        retry_delays: Sequence[float] = DEFAULT_RETRY_DELAYS,
     ) -> None:
         self.public_base_url = public_base_url.rstrip("/")
         self.api_version = api_version
         self.clock = clock
+        self.delivering = delivering
         self.enabled_events = frozenset(enabled_events) if enabled_events is not None else None
-        self.webhooks = WebhookDispatcher(
-            secret=webhook_secret, target=deliver, clock=clock, retry_delays=retry_delays
-        )
-        self.idempotent_results: dict[str, IdempotentResult] = {}
         self._objects: dict[str, JsonObject] = {}
         self._event_ids: list[str] = []
-        self._cards: dict[str, Card] = {}  # payment method id -> the test card behind it
-        self._line_items: dict[str, list[JsonObject]] = {}  # checkout session id -> its items
-        self._payment_intent_data: dict[str, JsonObject] = {}  # checkout session id -> params
-        self._setup_intent_metadata: dict[str, dict[str, str]] = {}  # checkout session id -> metadata
+        self._cards: dict[str, Card] = {}
+        self._line_items: dict[str, list[JsonObject]] = {}
+        self._payment_intent_data: dict[str, JsonObject] = {}
+        self._setup_intent_metadata: dict[str, dict[str, str]] = {}
+        self._idempotent: dict[str, IdempotentResult] = {}
+        self._records: dict[str, dict[str, Any]] = {
+            OBJECT: self._objects,
+            CARD: self._cards,
+            LINE_ITEMS: self._line_items,
+            PAYMENT_INTENT_DATA: self._payment_intent_data,
+            SETUP_INTENT_METADATA: self._setup_intent_metadata,
+            IDEMPOTENCY: self._idempotent,
+        }
+        self._in_section = False
+        self._touched: dict[tuple[str, str], bytes | None] = {}  # record -> its JSON when first touched
+        self._outbox: list[Delivery] = []
+
+    # -- the section's bookkeeping (``store``) ---------------------------------------------------
+
+    def load(self, kind: str, key: str, value: Any) -> None:
+        """A record as stored (written by another process, or by this one before a restart)."""
+        if kind == OBJECT and key not in self._objects and value.get("object") == "event":
+            self._event_ids.append(key)  # records come in the order they were created
+        if kind == CARD:
+            value = cards.lookup(value)
+        elif kind == IDEMPOTENCY:
+            value = IdempotentResult(*value)
+        if kind in self._records:  # a kind this version does not know is left alone
+            self._records[kind][key] = value
+
+    def begin(self) -> None:
+        self._in_section = True
+        self._touched.clear()
+        self._outbox.clear()
+
+    def changes(self) -> list[tuple[str, str, str]]:
+        """The records the section changed, as (kind, key, JSON text), in the order touched."""
+        changed = []
+        for (kind, key), before in self._touched.items():
+            after = self._encode(kind, key)
+            if after is not None and after != before:
+                changed.append((kind, key, after.decode()))
+        return changed
+
+    def outbox(self) -> list[Delivery]:
+        """The deliveries the section queued."""
+        return list(self._outbox)
+
+    def end(self) -> None:
+        self._in_section = False
+        self._touched.clear()
+        self._outbox.clear()
+
+    def forget(self) -> None:
+        """Drop the cache (a section that did not commit may have changed it); the store loads
+        every record again in the next section."""
+        for records in self._records.values():
+            records.clear()
+        self._event_ids.clear()
+
+    def _encode(self, kind: str, key: str) -> bytes | None:
+        value = self._records[kind].get(key)
+        if value is None:
+            return None
+        if isinstance(value, Card):
+            return orjson.dumps(value.number)
+        if isinstance(value, IdempotentResult):
+            return orjson.dumps([value.fingerprint, value.status, value.body])
+        return orjson.dumps(value)
+
+    def _check(self) -> None:
+        if not self._in_section:
+            raise RuntimeError(
+                "the simulated account is read and changed inside a section: "
+                "`await simulator.run(...)`, or a request to the simulator's app"
+            )
+
+    def _touch(self, kind: str, key: str) -> None:
+        """Mark a record the operation may change: written back at the end if it did."""
+        self._check()
+        if (kind, key) not in self._touched:
+            self._touched[kind, key] = self._encode(kind, key)
+
+    def _put(self, kind: str, key: str, value: Any) -> None:
+        self._touch(kind, key)
+        self._records[kind][key] = value
 
     # -- plumbing ------------------------------------------------------------------------------
-
-    @property
-    def webhook_target(self) -> WebhookTarget | None:
-        return self.webhooks.target
-
-    @webhook_target.setter
-    def webhook_target(self, target: WebhookTarget | None) -> None:
-        self.webhooks.target = target
-
-    async def drain(self, max_wait: float = 10.0) -> None:
-        """Wait until every pending webhook delivery (retries included) is done; ``TimeoutError``
-        after ``max_wait`` seconds."""
-        await self.webhooks.drain(max_wait)
 
     def _now(self) -> int:
         return int(self.clock())
 
     def _store(self, obj: JsonObject) -> JsonObject:
-        self._objects[obj["id"]] = obj
+        self._put(OBJECT, obj["id"], obj)
         return obj
 
     def _get(self, object_id: str, object_name: str, *, param: str = "id") -> JsonObject:
+        self._check()
         obj = self._objects.get(object_id)
         if obj is None or obj["object"] != object_name:
             if param == "id":
@@ -161,6 +255,7 @@ class Simulator:
             raise StripeApiError(
                 400, f"No such {object_name}: '{object_id}'", code="resource_missing", param=param
             )
+        self._touch(OBJECT, object_id)
         return obj
 
     def retrieve(self, object_id: str, object_name: str) -> JsonObject:
@@ -168,10 +263,20 @@ class Simulator:
 
     def find(self, object_id: str) -> JsonObject | None:
         """Any object by id (a copy), or None."""
+        self._check()
         obj = self._objects.get(object_id)
         return copy.deepcopy(obj) if obj is not None else None
 
+    def refunds_of(self, charge_id: str) -> list[JsonObject]:
+        """A charge's refunds, oldest first (copies): its receipt lists them."""
+        self._check()
+        found = [
+            obj for obj in self._objects.values() if obj["object"] == "refund" and obj["charge"] == charge_id
+        ]
+        return copy.deepcopy(sorted(found, key=lambda refund: refund["created"]))
+
     def expand(self, obj: JsonObject, paths: Sequence[str]) -> JsonObject:
+        self._check()
         for path in paths:
             self._expand(obj, path.split("."))
         return obj
@@ -188,12 +293,18 @@ class Simulator:
         if isinstance(value, dict) and rest:
             self._expand(value, rest)
 
+    def idempotent_result(self, key: str) -> IdempotentResult | None:
+        """The answer kept under an idempotency key, if any."""
+        self._check()
+        return self._idempotent.get(key)
+
+    def keep_result(self, key: str, result: IdempotentResult) -> None:
+        self._put(IDEMPOTENCY, key, result)
+
     # -- events --------------------------------------------------------------------------------
 
     def _emit(self, event_type: str, obj: JsonObject, previous: JsonObject | None = None) -> JsonObject:
-        deliver = self.webhooks.target is not None and (
-            self.enabled_events is None or event_type in self.enabled_events
-        )
+        deliver = self.delivering() and (self.enabled_events is None or event_type in self.enabled_events)
         data: JsonObject = {"object": copy.deepcopy(obj)}
         if previous:
             data["previous_attributes"] = previous
@@ -212,16 +323,23 @@ class Simulator:
         )
         self._event_ids.append(event["id"])
         if deliver:
-            self.webhooks.schedule(event)
+            self._outbox.append(Delivery(event["id"]))
         return event
 
     def events(self, event_type: str | None = None) -> list[JsonObject]:
         """Events in the order they happened (copies)."""
+        self._check()
         return [
             copy.deepcopy(self._objects[event_id])
             for event_id in self._event_ids
             if event_type is None or self._objects[event_id]["type"] == event_type
         ]
+
+    def event(self, event_id: str) -> JsonObject | None:
+        """An event as it is (not a copy: events never change), for its delivery."""
+        self._check()
+        found = self._objects.get(event_id)
+        return found if found is not None and found["object"] == "event" else None
 
     def list_events(self, params: JsonObject) -> JsonObject:
         event_type = param_str(params, "type")
@@ -238,10 +356,11 @@ class Simulator:
         event = self._get(event_id, "event")
         if not 1 <= times <= 1000:
             raise StripeApiError(400, "times must be between 1 and 1000", param="times")
-        if self.webhooks.target is None:
+        if timestamp is not None and not 0 <= timestamp < 2**40:
+            raise StripeApiError(400, "timestamp must be a Unix time in seconds", param="timestamp")
+        if not self.delivering():
             raise StripeApiError(400, "No webhook target is configured.")
-        for _ in range(times):
-            self.webhooks.schedule(event, secret=secret, timestamp=timestamp)
+        self._outbox.extend(Delivery(event_id, secret, timestamp) for _ in range(times))
         return copy.deepcopy(event)
 
     # -- customers -----------------------------------------------------------------------------
@@ -355,7 +474,7 @@ class Simulator:
                 "type": "card",
             }
         )
-        self._cards[payment_method["id"]] = card
+        self._put(CARD, payment_method["id"], card)
         return payment_method
 
     def _new_bank_payment_method(self) -> JsonObject:
@@ -586,6 +705,8 @@ class Simulator:
         assert amount is not None and currency is not None
         if amount < 1:
             raise StripeApiError(400, "Amount must be at least 1.", code="amount_too_small", param="amount")
+        if amount > MAX_AMOUNT:
+            raise _too_large("amount")
         customer_id = param_str(params, "customer")
         if customer_id is not None:
             self._get(customer_id, "customer", param="customer")
@@ -660,8 +781,10 @@ class Simulator:
         customer = self._get(customer_id, "customer", param="customer") if customer_id else None
         now = self._now()
         expires_at = param_int(params, "expires_at") or now + SESSION_LIFETIME_SECONDS
-        if expires_at <= now:
-            raise StripeApiError(400, "expires_at must be in the future.", param="expires_at")
+        if not now < expires_at <= now + SESSION_LIFETIME_SECONDS:
+            raise StripeApiError(
+                400, "expires_at must be in the future, at most 24 hours away.", param="expires_at"
+            )
         session_id = new_id("cs_test_", 40)
         amount: int | None = None
         currency = param_str(params, "currency")
@@ -681,15 +804,19 @@ class Simulator:
         payment_method_types = allowed_types or (
             ["card", "us_bank_account"] if mode == "payment" else ["card"]
         )
-        self._setup_intent_metadata[session_id] = param_metadata(param_dict(params, "setup_intent_data"))
+        self._put(SETUP_INTENT_METADATA, session_id, param_metadata(param_dict(params, "setup_intent_data")))
         payment_intent_data = param_dict(params, "payment_intent_data")
-        self._payment_intent_data[session_id] = {
-            "metadata": param_metadata(payment_intent_data),
-            "description": param_str(payment_intent_data, "description")
-            or ", ".join(str(item["description"]) for item in items)
-            or None,
-        }
-        self._line_items[session_id] = items
+        self._put(
+            PAYMENT_INTENT_DATA,
+            session_id,
+            {
+                "metadata": param_metadata(payment_intent_data),
+                "description": param_str(payment_intent_data, "description")
+                or ", ".join(str(item["description"]) for item in items)
+                or None,
+            },
+        )
+        self._put(LINE_ITEMS, session_id, items)
         session = self._store(
             {
                 "id": session_id,
@@ -754,6 +881,8 @@ class Simulator:
             assert currency is not None and unit_amount is not None
             if unit_amount < 0 or quantity < 1:
                 raise StripeApiError(400, f"Invalid amount or quantity in {param}.", param=param)
+            if unit_amount * quantity > MAX_AMOUNT:
+                raise _too_large(param)
             items.append(
                 {
                     "id": new_id("li_"),
@@ -775,6 +904,8 @@ class Simulator:
             )
         if len({item["currency"] for item in items}) > 1:
             raise StripeApiError(400, "All line items must use the same currency.", param="line_items")
+        if sum(item["amount_total"] for item in items) > MAX_AMOUNT:
+            raise _too_large("line_items")
         return items
 
     def checkout_line_items(self, session_id: str) -> JsonObject:

@@ -11,7 +11,9 @@ and returning the HTTP status the receiver answered. ``http_webhook_target(clien
 makes one from an ``httpx.AsyncClient`` (over the network, or in-process with
 ``httpx.ASGITransport``); tests can pass any recorder. A target that raises counts as a
 connection error. Non-2xx answers and errors are retried after each of ``retry_delays``
-seconds (so ``len(retry_delays) + 1`` attempts at most); every attempt is recorded.
+seconds (so ``len(retry_delays) + 1`` attempts at most); every attempt is recorded, in
+``attempts`` (this process's) and through the ``journal`` (the store's row of the delivery,
+which another process resumes if this one dies before it is done).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import httpx
 log = logging.getLogger(__name__)
 
 WebhookTarget = Callable[[bytes, Mapping[str, str]], Awaitable[int]]
+#: Told of each attempt of a stored delivery: (its id, the attempt, whether it was the last).
+Journal = Callable[[int, "DeliveryAttempt", bool], Awaitable[None]]
 
 DEFAULT_RETRY_DELAYS: tuple[float, ...] = (0.2, 1.0, 5.0)
 ATTEMPT_TIMEOUT_SECONDS = 30.0
@@ -91,26 +95,42 @@ class WebhookDispatcher:
         clock: Callable[[], float],
         retry_delays: Sequence[float] = DEFAULT_RETRY_DELAYS,
         attempt_timeout: float = ATTEMPT_TIMEOUT_SECONDS,
+        journal: Journal | None = None,
     ) -> None:
         self.secret = secret
         self.target = target
         self.clock = clock
         self.retry_delays = tuple(retry_delays)
         self.attempt_timeout = attempt_timeout
+        self.journal = journal
         self.attempts: list[DeliveryAttempt] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
     def schedule(
-        self, event: Mapping[str, Any], *, secret: str | None = None, timestamp: int | None = None
+        self,
+        event: Mapping[str, Any],
+        *,
+        secret: str | None = None,
+        timestamp: int | None = None,
+        delivery_id: int | None = None,
+        attempts_made: int = 0,
     ) -> None:
         """Deliver ``event`` in the background. ``secret`` and ``timestamp`` override the
-        signature (tests use them to send deliveries that must be rejected)."""
+        signature (tests use them to send deliveries that must be rejected). ``delivery_id``:
+        the stored delivery, told of each attempt; ``attempts_made``: by a process before."""
         if self.target is None:
             return
         payload = encode_event(event)
         task = asyncio.get_running_loop().create_task(
             self._deliver(
-                self.target, str(event["id"]), str(event["type"]), payload, secret or self.secret, timestamp
+                self.target,
+                str(event["id"]),
+                str(event["type"]),
+                payload,
+                secret or self.secret,
+                timestamp,
+                delivery_id,
+                attempts_made,
             )
         )
         self._tasks.add(task)
@@ -139,9 +159,11 @@ class WebhookDispatcher:
         payload: bytes,
         secret: str,
         timestamp: int | None,
+        delivery_id: int | None,
+        attempts_made: int,
     ) -> None:
         delays = (*self.retry_delays, None)
-        for attempt, delay in enumerate(delays, start=1):
+        for attempt, delay in enumerate(delays, start=attempts_made + 1):
             now = self.clock()
             headers = {
                 "Content-Type": "application/json; charset=utf-8",
@@ -159,6 +181,8 @@ class WebhookDispatcher:
                 error = f"{type(exc).__name__}: {exc}"
             record = DeliveryAttempt(event_id, event_type, attempt, now, status, error)
             self.attempts.append(record)
+            if self.journal is not None and delivery_id is not None:
+                await self._write(delivery_id, record, last=record.succeeded or delay is None)
             if record.succeeded:
                 return
             log.info("webhook %s (%s) attempt %d failed: %s", event_id, event_type, attempt, error or status)
@@ -166,3 +190,10 @@ class WebhookDispatcher:
                 log.warning("webhook %s (%s) given up after %d attempts", event_id, event_type, attempt)
                 return
             await asyncio.sleep(delay)
+
+    async def _write(self, delivery_id: int, record: DeliveryAttempt, *, last: bool) -> None:
+        assert self.journal is not None
+        try:
+            await self.journal(delivery_id, record, last)
+        except Exception:  # the delivery goes on; a restart may send it once more
+            log.warning("webhook %s: its delivery could not be recorded", record.event_id, exc_info=True)
