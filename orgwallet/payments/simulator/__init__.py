@@ -26,33 +26,46 @@ Mounting it in the main app (only when no real ``STRIPE_SECRET_KEY`` is configur
     # at start-up: await simulator.start(); on shutdown: await simulator.close()
 
 State is in PostgreSQL (``store``: a schema ``stripe_simulator`` it creates itself): a restart
-loses nothing (customers, saved cards, sessions, receipts, events, deliveries not yet made),
-and several processes on one database (uvicorn workers, servers) share one simulated account.
+loses nothing (customers, saved cards, sessions, receipts, products, prices, subscriptions,
+invoices, test clocks, events, deliveries not yet made), and several processes on one database
+(uvicorn workers, servers) share one simulated account.
 
 What it serves (relative to the mount point):
 
-- ``/v1/...``: customers (create, retrieve, update incl. ``invoice_settings.default_payment_method``,
-  list payment methods), checkout sessions (create in payment and setup modes, retrieve, line
-  items, expire), payment intents (create with ``confirm``/``off_session``, retrieve, confirm),
-  payment methods (list by customer, retrieve), charges, refunds (create, retrieve), disputes,
-  setup intents, events (list, retrieve). Form-encoded as the SDK sends them; Bearer with the
+- ``/v1/...``: customers (create, with a ``test_clock`` or not, retrieve, update incl.
+  ``invoice_settings.default_payment_method``, list payment methods), checkout sessions (create
+  in payment, setup and subscription modes, retrieve, line items, expire), payment intents
+  (create with ``confirm``/``off_session``, retrieve, confirm), payment methods (list by
+  customer, retrieve), charges, refunds (create, retrieve), disputes, setup intents, events
+  (list, retrieve); Stripe Billing (``billing``, where its rules are): products and prices
+  (create, retrieve, update, list), subscriptions (create, retrieve, list, update: items with
+  prorations, ``cancel_at_period_end``, ``pause_collection``; cancel), invoices (retrieve, list,
+  lines, pay, finalize, void, mark uncollectible, create_preview), test clocks (create,
+  retrieve, list, advance, delete). Form-encoded as the SDK sends them; Bearer with the
   simulator's secret key only (Stripe's 401 otherwise); ``Idempotency-Key`` honoured (same key
   and parameters: the first answer again, with ``Idempotent-Replayed: true``; other
   parameters: ``idempotency_error``); ``expand[]`` for id fields; Stripe's error shape and statuses.
-- ``/checkout/{cs_id}``: the hosted page (Pay, Decline, Pay by bank debit, Cancel; test cards
-  in ``cards``), ``/receipts/{ch_id}``: the receipt behind ``charge.receipt_url``. Open without
-  a key, as Stripe's are; each shows only its own object.
+- ``/checkout/{cs_id}``: the hosted page (Pay, Decline, Pay by bank debit, Cancel; Subscribe in
+  subscription mode; test cards in ``cards``), ``/receipts/{ch_id}``: the receipt behind
+  ``charge.receipt_url``, ``/invoices/{in_id}``: the invoice behind ``hosted_invoice_url``,
+  payable while open. Open without a key, as Stripe's are; each shows only its own object.
 - ``/test/...``: JSON controls, with the secret key too (see ``app._add_test_routes``):
   pay/decline a session, settle an async payment, expire a session, refund, open and close a
-  dispute, save a test card on a customer, deliver an event again (N copies at once, or signed
-  with another secret or timestamp), list events with their delivery attempts, drain deliveries.
+  dispute, save a test card on a customer (or make it the default of the customer and its
+  subscriptions, as Stripe's billing portal does), deliver an event again (N copies at once, or
+  signed with another secret or timestamp), list events with their delivery attempts, drain
+  deliveries.
 
 Events (``evt_``) are emitted for what happens (``checkout.session.completed`` /
 ``async_payment_succeeded`` / ``async_payment_failed`` / ``expired``,
 ``payment_intent.succeeded`` / ``payment_failed`` / ``processing`` / ``canceled`` / ``created``,
 ``charge.succeeded`` / ``failed`` / ``refunded``, ``refund.created``, ``charge.dispute.created`` /
 ``closed`` / ``funds_withdrawn`` / ``funds_reinstated``, ``setup_intent.succeeded`` /
-``setup_failed``, ``customer.created`` / ``updated``, ``payment_method.attached``) and delivered,
+``setup_failed``, ``customer.created`` / ``updated`` / ``deleted``, ``payment_method.attached``,
+``product.*``, ``price.*``, ``customer.subscription.created`` / ``updated`` / ``deleted``,
+``invoice.created`` / ``finalized`` / ``paid`` / ``payment_succeeded`` / ``payment_failed`` /
+``upcoming`` / ``voided`` / ``marked_uncollectible``, ``invoice_payment.paid``,
+``test_helpers.test_clock.created`` / ``advancing`` / ``ready`` / ``deleted``) and delivered,
 signed, by background tasks with bounded retries (``delivery``), at least once: a delivery
 left pending by a process that died is sent by the next one to start. In tests, drive the
 same operations with the async methods of ``Simulator`` (``await simulator.close_dispute(...)``,
@@ -61,7 +74,7 @@ before asserting.
 """
 
 from orgwallet.payments.simulator.app import create_simulator
-from orgwallet.payments.simulator.core import Account, JsonObject
+from orgwallet.payments.simulator.core import Account
 from orgwallet.payments.simulator.delivery import (
     DeliveryAttempt,
     WebhookTarget,
@@ -69,6 +82,7 @@ from orgwallet.payments.simulator.delivery import (
     stripe_signature,
 )
 from orgwallet.payments.simulator.errors import StripeApiError
+from orgwallet.payments.simulator.objects import JsonObject
 from orgwallet.payments.simulator.service import Simulator
 
 __all__ = [

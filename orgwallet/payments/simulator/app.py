@@ -1,5 +1,6 @@
-"""The simulator's HTTP face: Stripe's REST subset under ``/v1``, the hosted pages, and the
-test controls under ``/test``. Paths are relative to where the app is mounted (``/_stripe``).
+"""The simulator's HTTP face: Stripe's REST subset under ``/v1`` (Billing's in
+``_add_billing_routes``), the hosted pages, and the test controls under ``/test``. Paths are
+relative to where the app is mounted (``/_stripe``).
 
 ``/v1`` and ``/test`` answer only requests carrying the simulator's secret key (Stripe's 401
 otherwise); the hosted pages are open, as Stripe's are, each showing only its own object.
@@ -23,11 +24,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from orgwallet.payments.gateway import STRIPE_API_VERSION
 from orgwallet.payments.simulator import pages
+from orgwallet.payments.simulator.billing import PAYMENT_RETRY_DAYS, TEST_CLOCK, UPCOMING_INVOICE_DAYS
 from orgwallet.payments.simulator.cards import normalize
-from orgwallet.payments.simulator.core import Account, IdempotentResult, JsonObject, new_id
+from orgwallet.payments.simulator.core import Account, IdempotentResult
 from orgwallet.payments.simulator.delivery import DEFAULT_RETRY_DELAYS, WebhookTarget
 from orgwallet.payments.simulator.errors import StripeApiError
 from orgwallet.payments.simulator.forms import decode_form, param_list
+from orgwallet.payments.simulator.objects import JsonObject, new_id
 from orgwallet.payments.simulator.service import Simulator
 
 DECLINED_CARD = "4000000000000002"
@@ -51,12 +54,15 @@ def create_simulator(
     retry_delays: Sequence[float] = DEFAULT_RETRY_DELAYS,
     clock: Callable[[], float] = time.time,
     business_name: str = pages.DEFAULT_BUSINESS_NAME,
+    upcoming_invoice_days: int = UPCOMING_INVOICE_DAYS,
+    payment_retry_days: Sequence[int] = PAYMENT_RETRY_DAYS,
 ) -> tuple[FastAPI, Simulator]:
     """Build the simulator app and its state. ``secret_key`` is the only API key it accepts;
     ``database_url`` where its state is kept. ``public_base_url`` is where the app is
     reachable from a browser, mount path included (``http://localhost:8000/_stripe``).
     ``clock`` stamps objects, events and signatures (tests may shift it). ``business_name`` is
-    the merchant the hosted pages show (Stripe shows the account's)."""
+    the merchant the hosted pages show (Stripe shows the account's). ``upcoming_invoice_days``
+    and ``payment_retry_days``: Stripe Billing's reminder and retry settings (``billing``)."""
     simulator = Simulator(
         secret_key=secret_key,
         database_url=database_url,
@@ -67,11 +73,15 @@ def create_simulator(
         api_version=api_version,
         retry_delays=retry_delays,
         clock=clock,
+        upcoming_invoice_days=upcoming_invoice_days,
+        payment_retry_days=payment_retry_days,
     )
     app = FastAPI(title="Stripe simulator", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.simulator = simulator
+    _add_billing_routes(app, simulator.account)  # before the API's catch-all for unknown URLs
     _add_api_routes(app, simulator.account)
     _add_page_routes(app, simulator.account, business_name)
+    _add_invoice_page_routes(app, simulator.account, business_name)
     _add_test_routes(app, simulator)
     app.add_middleware(SectionPerRequest, simulator=simulator)
     return app, simulator
@@ -307,6 +317,114 @@ def _add_api_routes(app: FastAPI, sim: Account) -> None:
         return await _call(request, sim, operation)
 
 
+def _add_billing_routes(app: FastAPI, sim: Account) -> None:
+    """Products, prices, subscriptions, invoices and test clocks (``billing``)."""
+
+    @app.post("/v1/products")
+    async def create_product(request: Request) -> Response:
+        return await _call(request, sim, sim.create_product)
+
+    @app.get("/v1/products")
+    async def products(request: Request) -> Response:
+        return await _call(request, sim, sim.list_products)
+
+    @app.get("/v1/products/{product_id}")
+    async def product(request: Request, product_id: str) -> Response:
+        return await _call(request, sim, lambda _params: sim.retrieve(product_id, "product"))
+
+    @app.post("/v1/products/{product_id}")
+    async def update_product(request: Request, product_id: str) -> Response:
+        return await _call(request, sim, lambda params: sim.update_product(product_id, params))
+
+    @app.post("/v1/prices")
+    async def create_price(request: Request) -> Response:
+        return await _call(request, sim, sim.create_price)
+
+    @app.get("/v1/prices")
+    async def prices(request: Request) -> Response:
+        return await _call(request, sim, sim.list_prices)
+
+    @app.get("/v1/prices/{price_id}")
+    async def price(request: Request, price_id: str) -> Response:
+        return await _call(request, sim, lambda _params: sim.retrieve(price_id, "price"))
+
+    @app.post("/v1/prices/{price_id}")
+    async def update_price(request: Request, price_id: str) -> Response:
+        return await _call(request, sim, lambda params: sim.update_price(price_id, params))
+
+    @app.post("/v1/subscriptions")
+    async def create_subscription(request: Request) -> Response:
+        return await _call(request, sim, sim.create_subscription)
+
+    @app.get("/v1/subscriptions")
+    async def subscriptions(request: Request) -> Response:
+        return await _call(request, sim, sim.list_subscriptions)
+
+    @app.get("/v1/subscriptions/{subscription_id}")
+    async def subscription(request: Request, subscription_id: str) -> Response:
+        return await _call(request, sim, lambda _params: sim.retrieve(subscription_id, "subscription"))
+
+    @app.post("/v1/subscriptions/{subscription_id}")
+    async def update_subscription(request: Request, subscription_id: str) -> Response:
+        return await _call(request, sim, lambda params: sim.update_subscription(subscription_id, params))
+
+    @app.delete("/v1/subscriptions/{subscription_id}")
+    async def cancel_subscription(request: Request, subscription_id: str) -> Response:
+        return await _call(request, sim, lambda params: sim.cancel_subscription(subscription_id, params))
+
+    @app.get("/v1/invoices")
+    async def invoices(request: Request) -> Response:
+        return await _call(request, sim, sim.list_invoices)
+
+    @app.post("/v1/invoices/create_preview")
+    async def invoice_preview(request: Request) -> Response:
+        return await _call(request, sim, sim.create_invoice_preview)
+
+    @app.get("/v1/invoices/{invoice_id}")
+    async def invoice(request: Request, invoice_id: str) -> Response:
+        return await _call(request, sim, lambda _params: sim.retrieve(invoice_id, "invoice"))
+
+    @app.get("/v1/invoices/{invoice_id}/lines")
+    async def invoice_lines(request: Request, invoice_id: str) -> Response:
+        return await _call(request, sim, lambda _params: sim.invoice_lines(invoice_id))
+
+    @app.post("/v1/invoices/{invoice_id}/pay")
+    async def pay_invoice(request: Request, invoice_id: str) -> Response:
+        return await _call(request, sim, lambda params: sim.pay_invoice(invoice_id, params))
+
+    @app.post("/v1/invoices/{invoice_id}/finalize")
+    async def finalize_invoice(request: Request, invoice_id: str) -> Response:
+        return await _call(request, sim, lambda params: sim.finalize_invoice(invoice_id, params))
+
+    @app.post("/v1/invoices/{invoice_id}/void")
+    async def void_invoice(request: Request, invoice_id: str) -> Response:
+        return await _call(request, sim, lambda _params: sim.void_invoice(invoice_id))
+
+    @app.post("/v1/invoices/{invoice_id}/mark_uncollectible")
+    async def mark_uncollectible(request: Request, invoice_id: str) -> Response:
+        return await _call(request, sim, lambda _params: sim.mark_invoice_uncollectible(invoice_id))
+
+    @app.post("/v1/test_helpers/test_clocks")
+    async def create_test_clock(request: Request) -> Response:
+        return await _call(request, sim, sim.create_test_clock)
+
+    @app.get("/v1/test_helpers/test_clocks")
+    async def test_clocks(request: Request) -> Response:
+        return await _call(request, sim, sim.list_test_clocks)
+
+    @app.get("/v1/test_helpers/test_clocks/{clock_id}")
+    async def test_clock(request: Request, clock_id: str) -> Response:
+        return await _call(request, sim, lambda _params: sim.retrieve(clock_id, TEST_CLOCK))
+
+    @app.post("/v1/test_helpers/test_clocks/{clock_id}/advance")
+    async def advance_test_clock(request: Request, clock_id: str) -> Response:
+        return await _call(request, sim, lambda params: sim.advance_test_clock(clock_id, params))
+
+    @app.delete("/v1/test_helpers/test_clocks/{clock_id}")
+    async def delete_test_clock(request: Request, clock_id: str) -> Response:
+        return await _call(request, sim, lambda _params: sim.delete_test_clock(clock_id))
+
+
 # -- hosted pages --------------------------------------------------------------------------------
 
 
@@ -394,6 +512,15 @@ def _add_page_routes(app: FastAPI, sim: Account, business_name: str) -> None:
         session = checkout_session(session_id)
         if session is None:
             return not_found("checkout session")
+        if session["mode"] == "subscription" and session["status"] == "complete":
+            subscription = sim.find(session["subscription"])
+            invoice = sim.find(session["invoice"])
+            assert subscription is not None and invoice is not None
+            return _html(
+                pages.subscribed_page(
+                    session, merchant=business_name, subscription=subscription, invoice=invoice
+                )
+            )
         intent = sim.find(session["payment_intent"]) if session.get("payment_intent") else None
         charge = sim.find(intent["latest_charge"]) if intent and intent.get("latest_charge") else None
         setup_intent = sim.find(session["setup_intent"]) if session.get("setup_intent") else None
@@ -417,6 +544,48 @@ def _add_page_routes(app: FastAPI, sim: Account, business_name: str) -> None:
             customer = None
         refunds = sim.refunds_of(charge_id)
         return _html(pages.receipt_page(charge, merchant=business_name, customer=customer, refunds=refunds))
+
+
+def _add_invoice_page_routes(app: FastAPI, sim: Account, business_name: str) -> None:
+    """The page behind ``invoice.hosted_invoice_url``: the invoice, and a card form to pay it
+    while it is open (or uncollectible), as Stripe's. Open without a key; a draft has none."""
+
+    def hosted_invoice(invoice_id: str) -> JsonObject | None:
+        invoice = sim.find(invoice_id)
+        if invoice is None or invoice["object"] != "invoice" or invoice["hosted_invoice_url"] is None:
+            return None
+        return invoice
+
+    def page(
+        invoice: JsonObject, *, error: str | None = None, card_number: str | None = None, status: int = 200
+    ) -> pages.Page:
+        return pages.invoice_page(
+            invoice, merchant=business_name, error=error, card_number=card_number, status=status
+        )
+
+    @app.get("/invoices/{invoice_id}")
+    async def invoice_page(invoice_id: str) -> Response:
+        invoice = hosted_invoice(invoice_id)
+        return _html(pages.not_found("invoice", merchant=business_name) if invoice is None else page(invoice))
+
+    @app.post("/invoices/{invoice_id}")
+    async def invoice_submit(request: Request, invoice_id: str) -> Response:
+        """Pay (the typed card, or a test card's own button); a declined card shows the page
+        again with Stripe's message (the failed attempt counts, as on Stripe)."""
+        form = dict(parse_qsl((await request.body()).decode(errors="replace"), keep_blank_values=True))
+        card_number = form.get("test_card") or form.get("card_number", "")
+        invoice = hosted_invoice(invoice_id)
+        if invoice is None:
+            return _html(pages.not_found("invoice", merchant=business_name))
+        if invoice["status"] not in pages.PAYABLE_INVOICE_STATUSES:
+            return _html(page(invoice, status=409))
+        try:
+            sim.pay_invoice_with_card(invoice_id, normalize(card_number))
+        except StripeApiError as error:  # the declined attempt is kept (the section commits)
+            failed = sim.find(invoice_id)
+            assert failed is not None
+            return _html(page(failed, error=error.message, card_number=card_number, status=error.status))
+        return _redirect(invoice["hosted_invoice_url"])
 
 
 # -- /test: controls a test (or a developer) uses in place of Stripe's dashboard --------------------
@@ -518,6 +687,15 @@ def _add_test_routes(app: FastAPI, simulator: Simulator) -> None:
         """``{"card_number": ...}``: save a test card on the customer."""
         return await _control(
             request, lambda body: sim.add_test_card(customer_id, normalize(str(body.get("card_number", ""))))
+        )
+
+    @app.post("/test/customers/{customer_id}/default_payment_method")
+    async def replace_default_card(request: Request, customer_id: str) -> Response:
+        """``{"card_number": ...}``: save a test card and make it the default of the customer
+        and of its subscriptions, as a customer changing cards in Stripe's billing portal."""
+        return await _control(
+            request,
+            lambda body: sim.replace_default_card(customer_id, normalize(str(body.get("card_number", "")))),
         )
 
     @app.post("/test/events/{event_id}/deliver")

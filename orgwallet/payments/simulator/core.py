@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import secrets
-import string
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
@@ -28,6 +26,7 @@ import orjson
 
 from orgwallet.payments.gateway import STRIPE_API_VERSION
 from orgwallet.payments.simulator import cards
+from orgwallet.payments.simulator.billing import CHECKOUT_SUBSCRIPTION, Billing
 from orgwallet.payments.simulator.cards import Card, Decline
 from orgwallet.payments.simulator.errors import StripeApiError, no_such
 from orgwallet.payments.simulator.forms import (
@@ -38,11 +37,16 @@ from orgwallet.payments.simulator.forms import (
     param_metadata,
     param_str,
 )
-
-JsonObject = dict[str, Any]
+from orgwallet.payments.simulator.objects import (
+    MAX_AMOUNT,
+    JsonObject,
+    list_object,
+    new_id,
+    too_large,
+    updated_metadata,
+)
 
 SESSION_LIFETIME_SECONDS = 24 * 3600
-MAX_AMOUNT = 99_999_999  # Stripe's largest charge, in minor units
 OPEN_DISPUTE_STATUSES = frozenset(
     {"warning_needs_response", "warning_under_review", "needs_response", "under_review"}
 )
@@ -67,16 +71,7 @@ DISPUTE_REASONS = frozenset(
 BANK_DEBIT_FAILURE = Decline(
     "insufficient_funds", None, "The customer's account has insufficient funds to cover this payment."
 )
-_ALPHABET = string.ascii_letters + string.digits
 _CARD_EXPIRY_YEAR = 2034
-
-
-def new_id(prefix: str, length: int = 24) -> str:
-    return prefix + "".join(secrets.choice(_ALPHABET) for _ in range(length))
-
-
-def list_object(data: list[JsonObject], url: str) -> JsonObject:
-    return {"object": "list", "data": data, "has_more": False, "url": url}
 
 
 def _param_off_session(params: JsonObject) -> bool:
@@ -92,11 +87,6 @@ def _param_off_session(params: JsonObject) -> bool:
         code="parameter_invalid_string",
         param="off_session",
     )
-
-
-def _too_large(param: str) -> StripeApiError:
-    message = f"Amount must be no more than {MAX_AMOUNT:,} (minor units)."
-    return StripeApiError(400, message, code="amount_too_large", param=param)
 
 
 @dataclass(frozen=True)
@@ -116,7 +106,7 @@ class Delivery:
     timestamp: int | None = None
 
 
-# The kinds of records an account keeps, each a JSON value under (kind, key).
+# The kinds of records an account keeps, each a JSON value under (kind, key); ``billing`` adds its own.
 OBJECT = "object"  # any Stripe object, by id
 CARD = "card"  # payment method id -> the test card number behind it
 LINE_ITEMS = "line_items"  # checkout session id -> its line items
@@ -125,8 +115,8 @@ SETUP_INTENT_METADATA = "setup_intent_metadata"  # checkout session id -> the se
 IDEMPOTENCY = "idempotency"  # idempotency key -> [fingerprint, status, body]
 
 
-class Account:
-    """One simulated Stripe account (test mode).
+class Account(Billing):
+    """One simulated Stripe account (test mode), with Stripe Billing (``billing``).
 
     ``delivering()``: whether a webhook target is set. ``enabled_events``: event types
     delivered, like a Stripe webhook endpoint's ``enabled_events`` (``None``: all). Every
@@ -162,6 +152,7 @@ class Account:
             SETUP_INTENT_METADATA: self._setup_intent_metadata,
             IDEMPOTENCY: self._idempotent,
         }
+        self._init_billing()
         self._in_section = False
         self._touched: dict[tuple[str, str], bytes | None] = {}  # record -> its JSON when first touched
         self._outbox: list[Delivery] = []
@@ -239,7 +230,8 @@ class Account:
     # -- plumbing ------------------------------------------------------------------------------
 
     def _now(self) -> int:
-        return int(self.clock())
+        # Billing's due work runs at the instant it was due (a test clock's, or one caught up on).
+        return self._frozen_at if self._frozen_at is not None else int(self.clock())
 
     def _store(self, obj: JsonObject) -> JsonObject:
         self._put(OBJECT, obj["id"], obj)
@@ -248,7 +240,7 @@ class Account:
     def _get(self, object_id: str, object_name: str, *, param: str = "id") -> JsonObject:
         self._check()
         obj = self._objects.get(object_id)
-        if obj is None or obj["object"] != object_name:
+        if obj is None or obj["object"] != object_name or obj.get("deleted"):
             if param == "id":
                 raise no_such(object_name, object_id)
             # A reference in the parameters to something missing is a 400 on Stripe.
@@ -286,12 +278,19 @@ class Account:
         if head == "line_items" and obj.get("object") == "checkout.session":
             obj["line_items"] = self.checkout_line_items(obj["id"])
             return
+        if head == "payments" and obj.get("object") == "invoice":
+            obj["payments"] = self.invoice_payments(obj["id"])
+            return
         value = obj.get(head)
         if isinstance(value, str) and value in self._objects:
             value = copy.deepcopy(self._objects[value])
             obj[head] = value
         if isinstance(value, dict) and rest:
             self._expand(value, rest)
+        if isinstance(value, list) and rest:  # through a list: "items.data.price.product"
+            for entry in value:
+                if isinstance(entry, dict):
+                    self._expand(entry, rest)
 
     def idempotent_result(self, key: str) -> IdempotentResult | None:
         """The answer kept under an idempotency key, if any."""
@@ -367,13 +366,14 @@ class Account:
 
     def create_customer(self, params: JsonObject) -> JsonObject:
         customer_id = new_id("cus_", 14)
+        clock = self._customer_test_clock(params)  # a customer may live in a test clock's time
         customer = self._store(
             {
                 "id": customer_id,
                 "object": "customer",
                 "address": None,
                 "balance": 0,
-                "created": self._now(),
+                "created": clock["frozen_time"] if clock else self._now(),
                 "currency": None,
                 "default_source": None,
                 "delinquent": False,
@@ -393,6 +393,7 @@ class Account:
                 "preferred_locales": [],
                 "shipping": None,
                 "tax_exempt": "none",
+                "test_clock": clock["id"] if clock else None,
             }
         )
         self._apply_invoice_settings(customer, params)
@@ -406,15 +407,7 @@ class Account:
             if field in params:
                 customer[field] = param_str(params, field)
         if "metadata" in params:
-            metadata = dict(customer["metadata"])
-            for key, value in param_metadata(params).items():
-                if value == "":
-                    metadata.pop(key, None)
-                else:
-                    metadata[key] = value
-            if params["metadata"] == "":
-                metadata = {}
-            customer["metadata"] = metadata
+            customer["metadata"] = updated_metadata(customer["metadata"], params)
         self._apply_invoice_settings(customer, params)
         previous = {key: before[key] for key in customer if customer[key] != before[key]}
         if previous:
@@ -706,7 +699,7 @@ class Account:
         if amount < 1:
             raise StripeApiError(400, "Amount must be at least 1.", code="amount_too_small", param="amount")
         if amount > MAX_AMOUNT:
-            raise _too_large("amount")
+            raise too_large("amount")
         customer_id = param_str(params, "customer")
         if customer_id is not None:
             self._get(customer_id, "customer", param="customer")
@@ -773,9 +766,9 @@ class Account:
 
     def create_checkout_session(self, params: JsonObject) -> JsonObject:
         mode = param_str(params, "mode", required=True)
-        if mode not in ("payment", "setup"):
+        if mode not in ("payment", "setup", "subscription"):
             raise StripeApiError(
-                400, f"The simulator supports mode payment and setup, not {mode}.", param="mode"
+                400, f"The simulator supports mode payment, setup and subscription, not {mode}.", param="mode"
             )
         customer_id = param_str(params, "customer")
         customer = self._get(customer_id, "customer", param="customer") if customer_id else None
@@ -789,8 +782,13 @@ class Account:
         amount: int | None = None
         currency = param_str(params, "currency")
         items: list[JsonObject] = []
-        if mode == "payment":
+        subscription_data: JsonObject | None = None
+        if mode == "subscription":  # recurring prices, and what the subscription gets (``billing``)
+            items = self._recurring_line_items(params)
+            subscription_data = self._subscription_data(params)
+        elif mode == "payment":
             items = self._line_items_of(params)
+        if items:
             currency = items[0]["currency"]
             amount = sum(int(item["amount_total"]) for item in items)
         allowed_types = [str(t) for t in param_list(params, "allowed_payment_method_types")]
@@ -817,6 +815,8 @@ class Account:
             },
         )
         self._put(LINE_ITEMS, session_id, items)
+        if subscription_data is not None:
+            self._put(CHECKOUT_SUBSCRIPTION, session_id, subscription_data)
         session = self._store(
             {
                 "id": session_id,
@@ -844,7 +844,7 @@ class Account:
                 "mode": mode,
                 "payment_intent": None,
                 "payment_method_types": payment_method_types,
-                "payment_status": "unpaid" if mode == "payment" else "no_payment_required",
+                "payment_status": "no_payment_required" if mode == "setup" else "unpaid",
                 "setup_intent": None,
                 "status": "open",
                 "submit_type": None,
@@ -882,7 +882,7 @@ class Account:
             if unit_amount < 0 or quantity < 1:
                 raise StripeApiError(400, f"Invalid amount or quantity in {param}.", param=param)
             if unit_amount * quantity > MAX_AMOUNT:
-                raise _too_large(param)
+                raise too_large(param)
             items.append(
                 {
                     "id": new_id("li_"),
@@ -905,7 +905,7 @@ class Account:
         if len({item["currency"] for item in items}) > 1:
             raise StripeApiError(400, "All line items must use the same currency.", param="line_items")
         if sum(item["amount_total"] for item in items) > MAX_AMOUNT:
-            raise _too_large("line_items")
+            raise too_large("line_items")
         return items
 
     def checkout_line_items(self, session_id: str) -> JsonObject:
@@ -949,6 +949,8 @@ class Account:
         session = self._open_session(session_id)
         if session["mode"] == "setup":
             return self._complete_setup(session, card_number)
+        if session["mode"] == "subscription":  # ``billing``
+            return self._complete_subscription_checkout(session, card_number, async_payment=async_payment)
         if async_payment and "us_bank_account" not in session["payment_method_types"]:
             raise StripeApiError(400, "This Checkout Session does not accept bank debits.")
         intent = self._session_intent(session)

@@ -1,6 +1,7 @@
-"""The simulator's hosted pages, as Stripe's show them: Checkout (payment and setup modes) with
-the test card ready, the simulator's own "payment received" and "payment cancelled" pages (for
-a ``success_url``/``cancel_url`` that has nowhere else to go), and receipts.
+"""The simulator's hosted pages, as Stripe's show them: Checkout (payment, setup and subscription
+modes) with the test card ready, the simulator's own "payment received", "subscribed" and
+"payment cancelled" pages (for a ``success_url``/``cancel_url`` that has nowhere else to go),
+receipts, and hosted invoices (``invoice.hosted_invoice_url``, payable while open).
 
 Plain server-rendered HTML: no JavaScript, nothing loaded from elsewhere (they work offline),
 readable on a phone. Every value that comes from a request or an object is escaped; a page
@@ -34,6 +35,8 @@ OTHER_TEST_CARDS = (
     "4000002760003184",
     "4000000000000341",
 )
+#: The invoices the hosted invoice page lets a person pay, as Stripe's does.
+PAYABLE_INVOICE_STATUSES = frozenset({"open", "uncollectible"})
 
 _STYLE = """
 * { box-sizing: border-box; }
@@ -154,6 +157,54 @@ def _grouped(number: str) -> str:
     return " ".join(number[i : i + 4] for i in range(0, len(number), 4))
 
 
+def _other_test_cards() -> str:
+    """The other test cards, each a button that pays with it (the form's ``test_card``)."""
+    return "".join(
+        f"<li><code>{_grouped(number)}</code><span>{escape(_card_outcome(number))}</span>"
+        f"<button type='submit' name='test_card' value='{number}'>Use</button></li>"
+        for number in OTHER_TEST_CARDS
+    )
+
+
+def _card_fields(card_number: str | None) -> str:
+    """The card form's inputs, ready with the card that succeeds (``card_number``: what was
+    typed, when a try failed)."""
+    typed = READY_CARD if card_number is None else card_number
+    return f"""<label for='card_number'>Card number</label>
+  <input type='text' id='card_number' name='card_number' inputmode='numeric' autocomplete='cc-number'
+         value='{escape(typed)}'>
+  <div class='row'>
+    <div><label for='expiry'>Expiry</label>
+      <input type='text' id='expiry' name='expiry' autocomplete='cc-exp' value='{READY_EXPIRY}'></div>
+    <div><label for='cvc'>CVC</label>
+      <input type='text' id='cvc' name='cvc' inputmode='numeric' autocomplete='cc-csc'
+             value='{READY_CVC}'></div>
+  </div>"""
+
+
+def _every(recurring: object) -> str:
+    """A price's interval as Stripe's pages say it: "month", "3 months"."""
+    if not isinstance(recurring, Mapping):
+        return ""
+    count = recurring.get("interval_count")
+    interval = _text(recurring.get("interval"))
+    return interval if count == 1 else f"{count} {interval}s"
+
+
+def _period(line: Mapping[str, Any]) -> str:
+    period = line.get("period")
+    if not isinstance(period, Mapping) or period.get("start") == period.get("end"):
+        return ""
+    return f"{_day(period.get('start'))} to {_day(period.get('end'))}"
+
+
+def _day(timestamp: object) -> str:
+    if not isinstance(timestamp, int):
+        return ""
+    at = datetime.fromtimestamp(timestamp, UTC)
+    return f"{at.day} {at:%b %Y}"
+
+
 def checkout_page(
     session: Mapping[str, Any],
     items: list[Mapping[str, Any]],
@@ -168,7 +219,9 @@ def checkout_page(
     setup = session.get("mode") == "setup"
     customer = _customer(session)
     who = f"<p class='muted' id='customer'>For {escape(customer)}</p>" if customer else ""
-    if setup:
+    if session.get("mode") == "subscription":
+        heading, summary, pay_label = _subscription_summary(session, items, merchant, who)
+    elif setup:
         heading = (
             f"<h1>Save a card with {escape(merchant)}</h1>{who}"
             "<p class='muted'>Nothing is charged now: the card is charged later, when you buy tokens.</p>"
@@ -191,33 +244,19 @@ def checkout_page(
     bank_debit = (
         "<button class='async' type='submit' name='action' value='pay_async' id='pay_async'>"
         "Pay by bank debit (test account, settles later)</button>"
-        if not setup and "us_bank_account" in (session.get("payment_method_types") or [])
+        if session.get("mode") == "payment"
+        and "us_bank_account" in (session.get("payment_method_types") or [])
         else ""
     )
-    others = "".join(
-        f"<li><code>{_grouped(number)}</code><span>{escape(_card_outcome(number))}</span>"
-        f"<button type='submit' name='test_card' value='{number}'>Use</button></li>"
-        for number in OTHER_TEST_CARDS
-    )
-    typed = READY_CARD if card_number is None else card_number
     body = f"""{heading}
 {summary}
 {error_html}
 <form method='post'>
-  <label for='card_number'>Card number</label>
-  <input type='text' id='card_number' name='card_number' inputmode='numeric' autocomplete='cc-number'
-         value='{escape(typed)}'>
-  <div class='row'>
-    <div><label for='expiry'>Expiry</label>
-      <input type='text' id='expiry' name='expiry' autocomplete='cc-exp' value='{READY_EXPIRY}'></div>
-    <div><label for='cvc'>CVC</label>
-      <input type='text' id='cvc' name='cvc' inputmode='numeric' autocomplete='cc-csc'
-             value='{READY_CVC}'></div>
-  </div>
+  {_card_fields(card_number)}
   <button class='pay' type='submit' name='action' value='pay' id='pay'>{escape(pay_label)}</button>
   {bank_debit}
   <details id='test-cards'><summary>Other test cards</summary>
-    <ul class='cards'>{others}</ul>
+    <ul class='cards'>{_other_test_cards()}</ul>
     <button class='async' type='submit' name='action' value='decline' id='decline'>
       Decline (test card 4000 0000 0000 0002)</button>
   </details>
@@ -225,6 +264,148 @@ def checkout_page(
 </form>
 <p class='hint'>Test mode: no real card is charged. Any future expiry date and any CVC work.</p>"""
     return _page("Save a card" if setup else "Checkout", body, merchant=merchant, status=status)
+
+
+def _subscription_summary(
+    session: Mapping[str, Any], items: list[Mapping[str, Any]], merchant: str, who: str
+) -> tuple[str, str, str]:
+    """A subscription-mode session's heading, plan table and button: the plan, its price per
+    interval, and what is charged now."""
+    total = _money(session.get("amount_total"), session.get("currency"))
+    every = _every(items[0].get("price", {}).get("recurring")) if items else ""
+    plan = " + ".join(_text(item.get("description")) for item in items)
+    heading = (
+        f"<h1>Subscribe to {escape(plan or merchant)}</h1>"
+        f"<div class='amount' id='amount'>{escape(total)} "
+        f"<span class='muted'>per {escape(every)}</span></div>"
+        f"{who}"
+    )
+    rows = "".join(
+        f"<tr><td class='product'>{escape(_text(item.get('description')))}"
+        f"{' &times; ' + escape(str(item.get('quantity'))) if item.get('quantity') != 1 else ''}"
+        f"<div class='muted'>Billed every {escape(_every(item.get('price', {}).get('recurring')))}</div></td>"
+        f"<td class='r'>{escape(_money(item.get('amount_total'), item.get('currency')))}</td></tr>"
+        for item in items
+    )
+    summary = (
+        f"<table id='items'>{rows}<tr class='total'><td>Total due today</td>"
+        f"<td class='r'>{escape(total)}</td></tr></table>"
+        f"<p class='muted' id='terms'>Then {escape(total)} every {escape(every)} until you cancel.</p>"
+    )
+    return heading, summary, "Subscribe"
+
+
+def subscribed_page(
+    session: Mapping[str, Any],
+    *,
+    merchant: str,
+    subscription: Mapping[str, Any],
+    invoice: Mapping[str, Any],
+) -> Page:
+    """Where a subscription-mode ``success_url`` may land: the plan, what was paid, the next
+    renewal, and the first invoice."""
+    item = (subscription.get("items", {}).get("data") or [{}])[0]
+    price = item.get("price") or {}
+    line = (invoice.get("lines", {}).get("data") or [{}])[0]
+    customer = _customer(session)
+    renews = (
+        f"{_date(item.get('current_period_end'))}: "
+        f"{_money(price.get('unit_amount'), price.get('currency'))} every {_every(price.get('recurring'))}"
+    )
+    facts = [
+        ("Plan", _text(line.get("description"))),
+        ("Paid", _money(invoice.get("amount_paid"), invoice.get("currency"))),
+        ("Renews", renews),
+    ]
+    if customer:
+        facts.append(("For", customer))
+    rows = "".join(
+        f"<dt>{escape(name)}</dt><dd id='{name.lower()}'>{escape(value)}</dd>" for name, value in facts
+    )
+    link = _text(invoice.get("hosted_invoice_url"))
+    invoice_link = f"<p><a id='invoice' href='{escape(link)}'>View the invoice</a></p>" if link else ""
+    body = f"<h1>Subscribed</h1><dl>{rows}</dl>{invoice_link}"
+    return _page("Subscribed", body, merchant=merchant)
+
+
+def invoice_page(
+    invoice: Mapping[str, Any],
+    *,
+    merchant: str,
+    error: str | None = None,
+    card_number: str | None = None,
+    status: int = 200,
+) -> Page:
+    """A finalized invoice, as Stripe's hosted invoice page: number, status, lines with their
+    periods, totals, and, while it can be paid, the card form ready with the card that succeeds."""
+    currency = invoice.get("currency")
+    state = _text(invoice.get("status"))
+    transitions = invoice.get("status_transitions")
+    transitions = transitions if isinstance(transitions, Mapping) else {}
+    payable = state in PAYABLE_INVOICE_STATUSES
+    remaining = _money(invoice.get("amount_remaining"), currency)
+    if state == "paid":
+        headline = f"Paid {_date(transitions.get('paid_at'))}"
+        amount = _money(invoice.get("amount_paid"), currency)
+    elif state == "void":
+        headline, amount = "Void: nothing is due", _money(invoice.get("total"), currency)
+    elif state == "uncollectible":
+        headline, amount = "Overdue", remaining
+    else:
+        headline, amount = "Due now", remaining
+    customer = _text(invoice.get("customer_name")) or _text(invoice.get("customer_email"))
+    lines = invoice.get("lines")
+    lines = lines.get("data") if isinstance(lines, Mapping) else []
+    rows = "".join(
+        f"<tr><td>{escape(_text(line.get('description')))}"
+        f"<div class='muted'>{escape(_period(line))}</div></td>"
+        f"<td class='r'>{escape(_money(line.get('amount'), currency))}</td></tr>"
+        for line in lines or []
+        if isinstance(line, Mapping)
+    )
+    totals = [("Total", _money(invoice.get("total"), currency))]
+    balance = invoice.get("starting_balance")
+    if isinstance(balance, int) and balance != 0:
+        totals.append(("Applied balance", _money(balance, currency)))
+    totals.append(("Amount due", _money(invoice.get("amount_due"), currency)))
+    if invoice.get("amount_paid"):
+        totals.append(("Amount paid", _money(invoice.get("amount_paid"), currency)))
+    total_rows = "".join(
+        f"<tr class='total'><td>{escape(name)}</td><td class='r' id='{name.lower().replace(' ', '-')}'>"
+        f"{escape(value)}</td></tr>"
+        for name, value in totals
+    )
+    facts = [("Invoice number", _text(invoice.get("number"))), ("Status", state)]
+    if customer:
+        facts.append(("Billed to", customer))
+    attempts = invoice.get("attempt_count")
+    if payable and isinstance(attempts, int) and attempts > 0:
+        retry = invoice.get("next_payment_attempt")
+        note = f"{attempts} failed attempt{'s' if attempts > 1 else ''}"
+        facts.append(("Payment", f"{note}; next try {_date(retry)}" if isinstance(retry, int) else note))
+    facts_html = "".join(
+        f"<dt>{escape(name)}</dt><dd id='{name.lower().replace(' ', '-')}'>{escape(value)}</dd>"
+        for name, value in facts
+    )
+    error_html = f"<div class='error' role='alert' id='error'>{escape(error)}</div>" if error else ""
+    form = (
+        f"""<form method='post'>
+  {_card_fields(card_number)}
+  <button class='pay' type='submit' name='action' value='pay' id='pay'>Pay {escape(remaining)}</button>
+  <details id='test-cards'><summary>Other test cards</summary>
+    <ul class='cards'>{_other_test_cards()}</ul>
+  </details>
+</form>
+<p class='hint'>Test mode: no real card is charged. Any future expiry date and any CVC work.</p>"""
+        if payable
+        else "<p class='hint'>Test mode: no real money moved.</p>"
+    )
+    body = (
+        f"<h1>Invoice from {escape(merchant)}</h1><div class='amount' id='amount'>{escape(amount)}</div>"
+        f"<p id='headline'>{escape(headline)}</p><dl>{facts_html}</dl>"
+        f"<table id='lines'>{rows}{total_rows}</table>{error_html}{form}"
+    )
+    return _page(f"Invoice {_text(invoice.get('number'))}", body, merchant=merchant, status=status)
 
 
 def closed_checkout_page(session: Mapping[str, Any], *, merchant: str, status: int = 200) -> Page:

@@ -14,9 +14,11 @@ from contextlib import asynccontextmanager
 from typing import Any, ParamSpec, TypeVar
 
 from orgwallet.payments.gateway import STRIPE_API_VERSION
-from orgwallet.payments.simulator.core import Account, JsonObject
+from orgwallet.payments.simulator.billing import PAYMENT_RETRY_DAYS, UPCOMING_INVOICE_DAYS
+from orgwallet.payments.simulator.core import Account
 from orgwallet.payments.simulator.delivery import DEFAULT_RETRY_DELAYS, WebhookDispatcher, WebhookTarget
 from orgwallet.payments.simulator.errors import StripeApiError
+from orgwallet.payments.simulator.objects import JsonObject
 from orgwallet.payments.simulator.store import Section, Store
 
 P = ParamSpec("P")
@@ -29,6 +31,9 @@ class Simulator:
     ``secret_key``: the only API key accepted (this installation's). ``database_url``: where
     the state is kept (a SQLAlchemy or asyncpg URL). ``webhook_target``: where events are
     delivered (see ``delivery``); may be set later. ``enabled_events``: see ``core.Account``.
+    ``upcoming_invoice_days``: how long before a renewal ``invoice.upcoming`` is sent (0: never);
+    ``payment_retry_days``: the days between a failed renewal charge and its next retry
+    (``billing``).
     """
 
     def __init__(
@@ -43,6 +48,8 @@ class Simulator:
         api_version: str = STRIPE_API_VERSION,
         clock: Callable[[], float] = time.time,
         retry_delays: Sequence[float] = DEFAULT_RETRY_DELAYS,
+        upcoming_invoice_days: int = UPCOMING_INVOICE_DAYS,
+        payment_retry_days: Sequence[int] = PAYMENT_RETRY_DAYS,
     ) -> None:
         self.secret_key = secret_key
         self.store = Store(database_url)
@@ -60,6 +67,8 @@ class Simulator:
             api_version=api_version,
             clock=clock,
         )
+        self.account.upcoming_invoice_days = upcoming_invoice_days
+        self.account.payment_retry_days = tuple(payment_retry_days)
 
     @property
     def public_base_url(self) -> str:
@@ -110,6 +119,7 @@ class Simulator:
         """The account's operations may be called in the block; what they did is committed
         when it ends, and then the events they emitted are sent."""
         async with self.store.section(self.account) as section:
+            self.account.run_due()  # renewals, retries, ... come due on the simulator's own clock
             yield section
         for send in section.sends:
             self.webhooks.schedule(

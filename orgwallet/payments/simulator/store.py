@@ -38,8 +38,9 @@ import asyncpg
 import orjson
 
 from orgwallet.db.engine import DriverPool
-from orgwallet.payments.simulator.core import Account, JsonObject
+from orgwallet.payments.simulator.core import Account
 from orgwallet.payments.simulator.delivery import DeliveryAttempt
+from orgwallet.payments.simulator.objects import JsonObject
 
 log = logging.getLogger(__name__)
 
