@@ -11,7 +11,7 @@ import gc
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -26,8 +26,12 @@ from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from starlette.websockets import WebSocket
-from strawberry.asgi import GraphQL
+from starlette.websockets import WebSocket, WebSocketDisconnect
+from strawberry.asgi import ASGIWebSocketAdapter, GraphQL
+from strawberry.exceptions import ConnectionRejectionError
+from strawberry.http.exceptions import WebSocketDisconnected
+from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL, MULTIPART_SUBSCRIPTION_PROTOCOL
+from strawberry.types.unset import UnsetType
 
 from orgwallet.auth.principals import Anonymous
 from orgwallet.config import Settings
@@ -41,9 +45,21 @@ from orgwallet.schema.context import Context
 from orgwallet.schema.limits import BodyTooLarge, DocumentCache, bounded, declared_length
 from orgwallet.schema.schema import build_schema
 from orgwallet.services.audit import request_id_var
+from orgwallet.services.exports import export_route
 from orgwallet.webhooks import stripe_webhook_route
 
 log = logging.getLogger(__name__)
+
+
+class TextWebSocket(ASGIWebSocketAdapter):
+    """Sends each graphql-transport-ws message as a text frame: ``encode_json`` gives bytes,
+    which Strawberry would send as binary frames, and a browser's client parses text only."""
+
+    async def send_json(self, message: Mapping[str, object]) -> None:
+        try:
+            await self.ws.send_text(self.view.encode_json_string(message))
+        except WebSocketDisconnect as exc:
+            raise WebSocketDisconnected from exc
 
 
 class GraphQLEndpoint(GraphQL[Context, None]):
@@ -55,18 +71,30 @@ class GraphQLEndpoint(GraphQL[Context, None]):
 
     A request it refuses (malformed, too large, a failure of ours) is answered with a JSON
     error (``{"errors": [{"message", "extensions": {"code"}}]}``), never a traceback; a body
-    over ``max_request_bytes`` is refused before it is read (413)."""
+    over ``max_request_bytes`` is refused before it is read (413).
+
+    Subscriptions: over a WebSocket (graphql-transport-ws; the credentials in connection_init's
+    payload, as a browser cannot set headers on a WebSocket), or as a multipart HTTP response
+    (``Accept: multipart/mixed;subscriptionSpec=1.0``). A page of another origin may open a
+    WebSocket only when it is one of ``cors_origins``."""
+
+    websocket_adapter_class = TextWebSocket
 
     def __init__(self, runtime: Runtime, **options: Any) -> None:
         self.documents = DocumentCache()
-        super().__init__(build_schema(runtime.settings, self.documents), **options)
+        super().__init__(
+            build_schema(runtime.settings, self.documents),
+            subscription_protocols=(GRAPHQL_TRANSPORT_WS_PROTOCOL, MULTIPART_SUBSCRIPTION_PROTOCOL),
+            allowed_origins=runtime.settings.cors_origins,
+            **options,
+        )
         self.runtime = runtime
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await super().__call__(scope, receive, send)
-            return
         try:
+            if scope["type"] != "http":
+                await super().__call__(scope, receive, send)
+                return
             response = await self._respond(scope, receive)
             await response(scope, receive, send)
         finally:
@@ -88,9 +116,28 @@ class GraphQLEndpoint(GraphQL[Context, None]):
             principal=principal,
             request_id=request_id_var.get() or "",
             auth_error=auth_error,
+            credential=request.headers.get("authorization"),
+            per_use=isinstance(request, WebSocket) or "multipart/mixed" in request.headers.get("accept", ""),
         )
         request.scope.setdefault("state", {})[_CONTEXT] = context
         return context
+
+    async def on_ws_connect(self, context: Context) -> UnsetType | dict[str, object] | None:
+        """graphql-transport-ws's connection_init: the credential is its payload's
+        ``Authorization`` (else the handshake's header). None, or a bad one: the connection is
+        closed (4403)."""
+        params = context.connection_params or {}
+        given = next((v for k, v in params.items() if k.lower() == "authorization"), None)
+        credential = given if isinstance(given, str) else context.credential
+        try:
+            principal = await self.runtime.authenticate(credential)
+        except Unauthenticated as error:
+            log.warning("authentication failed: %s", error.message)
+            raise ConnectionRejectionError from error
+        if isinstance(principal, Anonymous):
+            raise ConnectionRejectionError
+        context.principal, context.credential, context.auth_error = principal, credential, None
+        return UnsetType()  # a connection_ack without payload
 
     async def _respond(self, scope: Scope, receive: Receive) -> Response:
         limit = self.runtime.settings.max_request_bytes
@@ -196,10 +243,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     graphql = GraphQLEndpoint(runtime, graphql_ide="graphiql" if settings.graphiql else None)
     # An ASGI app as a route's endpoint: Starlette calls it as it is (typed for functions only).
     app.add_route("/graphql", graphql, methods=["GET", "POST"])  # type: ignore[arg-type]
+    app.router.add_websocket_route("/graphql", graphql)  # type: ignore[arg-type]
     if settings.graphiql:
         app.mount("/_graphiql", StaticFiles(directory=GRAPHIQL_ASSETS), name="graphiql")
     app.router.routes.append(
         stripe_webhook_route(runtime.driver, runtime.sessions, runtime.gateway, lambda: runtime.clock.now())
+    )
+    app.router.routes.append(
+        export_route(runtime.driver, lambda: settings.signing_secret, lambda: runtime.clock.now())
     )
     if not settings.smtp_url:
         app.router.routes.append(outbox_route(runtime.driver))

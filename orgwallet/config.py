@@ -95,9 +95,19 @@ class Settings(BaseSettings):
 
     # Automatic top-ups: at most this many per wallet in 24 hours, whatever happens.
     auto_top_up_max_per_day: int = 5
+    # A CSV export's link (createExport) opens the download for this long.
+    export_link_seconds: int = 300
     # Where the single-page app lives: a payment page opened for the customer (a card asking
     # for authentication) returns there. Unset: the server's own address.
     app_url: str | None = None
+
+    # Live updates (GraphQL subscriptions). Each subscription re-checks its caller's access at
+    # least this often (a removed member or a revoked key stops receiving within it), and
+    # before it delivers a change when the last check is older.
+    live_recheck_seconds: float = 5.0
+    # How long a process's watch of a wallet (what makes the database NOTIFY its changes)
+    # outlives the process: renewed every third of it while someone watches.
+    live_lease_seconds: float = 60.0
 
     # Operations. Log lines as text or as one JSON object each. /metrics (Prometheus) is
     # served only with this bearer token; unset, there is no /metrics.

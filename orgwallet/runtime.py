@@ -3,10 +3,11 @@ CLI and the job worker.
 
 ``Runtime.build(settings)`` makes the database engine and its two pools (SQLAlchemy's, and
 asyncpg's for the hot paths), the consumption batcher, the API-key cache, the JWT verifier,
-the clock, the Stripe gateway (with the offline simulator when no key is configured) and the
-mail transport. ``app=`` is given by the web app only: the simulator is then mounted on it and
-reached in process; a worker without an app reaches the simulator of the running server over
-HTTP (``ORGWALLET_PUBLIC_URL``).
+the clock, the Stripe gateway (with the offline simulator when no key is configured), the
+mail transport and the hub of live updates (which listens from its first subscriber on).
+``app=`` is given by the web app only: the simulator is then mounted on it and reached in
+process; a worker without an app reaches the simulator of the running server over HTTP
+(``ORGWALLET_PUBLIC_URL``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from orgwallet.config import Settings
 from orgwallet.db.engine import DriverPool, create_engine, session_factory
 from orgwallet.errors import Unauthenticated
 from orgwallet.ledger.batching import ConsumptionBatcher
+from orgwallet.live import LiveHub
 from orgwallet.payments.gateway import StripeGateway
 from orgwallet.payments.runtime import StripeConnection, connect_stripe
 from orgwallet.payments.simulator import Simulator
@@ -47,6 +49,7 @@ class Runtime:
     read_sessions: async_sessionmaker[AsyncSession] = field(init=False)
     batcher: ConsumptionBatcher = field(init=False)
     principals: key_service.PrincipalCache = field(init=False)
+    live: LiveHub = field(init=False)
 
     def __post_init__(self) -> None:
         self.sessions = session_factory(self.engine)
@@ -54,6 +57,7 @@ class Runtime:
         self.read_sessions = session_factory(self.engine.execution_options(isolation_level="AUTOCOMMIT"))
         self.batcher = ConsumptionBatcher(self.driver)
         self.principals = key_service.PrincipalCache(self.driver)
+        self.live = LiveHub(self.driver, self.sessions, lease_seconds=self.settings.live_lease_seconds)
 
     @classmethod
     def build(cls, settings: Settings, *, app: FastAPI | None = None) -> Runtime:
@@ -80,6 +84,7 @@ class Runtime:
         return self.stripe.simulator
 
     async def close(self) -> None:
+        await self.live.close()
         await self.stripe.close()
         await self.driver.close()
         await self.engine.dispose()

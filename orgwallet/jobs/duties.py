@@ -21,7 +21,7 @@ from sqlalchemy import text
 
 from orgwallet.db.engine import transaction
 from orgwallet.jobs import enqueue
-from orgwallet.services import autotopup, mail, notifications, purchases, wallets
+from orgwallet.services import autotopup, forecast, mail, notifications, purchases, wallets
 from orgwallet.services.notifications import NotificationKind
 from orgwallet.webhooks.stripe import handle_event
 
@@ -131,6 +131,12 @@ async def retry_emails(runtime: Runtime, now: datetime) -> str:
     return f"queued {len(due)}"
 
 
+async def record_usage_days(runtime: Runtime, now: datetime) -> str:
+    """Each wallet's consumption of the completed UTC days, for the usage forecast (missed days
+    caught up, the ledger's history counted on the first run): ``forecast.record_usage_days``."""
+    return await forecast.record_usage_days(runtime.driver, now)
+
+
 DUTIES: dict[str, Duty] = {
     duty.name: duty
     for duty in (
@@ -140,6 +146,7 @@ DUTIES: dict[str, Duty] = {
         Duty("mail.retry", timedelta(minutes=1), retry_emails),
         Duty("auto_top_up.due", timedelta(minutes=1), autotopup.due),
         Duty("purchases.abandoned", timedelta(minutes=15), remove_abandoned_purchases),
+        Duty("usage.days", timedelta(days=1), record_usage_days),
     )
 }
 

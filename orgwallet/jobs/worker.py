@@ -27,6 +27,7 @@ from pgqueuer.models import Job, Schedule
 from orgwallet import metrics
 from orgwallet.jobs import duties, signal
 from orgwallet.services import autotopup, mail
+from orgwallet.services.audit import request_id_var
 
 if TYPE_CHECKING:
     from orgwallet.runtime import Runtime
@@ -87,11 +88,14 @@ def build(runtime: Runtime, connection: asyncpg.Connection) -> PgQueuer:
 
         async def run(job: Job, handler: JobHandler = handler, name: str = name) -> None:
             payload = orjson.loads(job.payload) if job.payload else {}
+            request_id = request_id_var.set(f"job:{job.id}")  # of the audit rows it writes, its logs
             try:
                 outcome = await handler(runtime, payload)
             except Exception:
                 metrics.job_run(name, "failed")
                 raise
+            finally:
+                request_id_var.reset(request_id)
             metrics.job_run(name, "ok")
             log.debug("job %s %s: %s", name, job.id, outcome)
 

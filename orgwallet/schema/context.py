@@ -29,6 +29,14 @@ class Context:
     principal: Principal
     request_id: str
     auth_error: str | None = None
+    # The Authorization value the principal came from: a subscription authenticates it again
+    # while it lasts (a revoked key, an expired token end it).
+    credential: str | None = None
+    # graphql-transport-ws's connection_init payload (Strawberry sets it).
+    connection_params: dict[str, Any] | None = None
+    # A context that lasts as long as a connection (a WebSocket, a streamed subscription) keeps
+    # no database connection between uses: each use takes one from the pool and gives it back.
+    per_use: bool = False
     _read_session: AsyncSession | None = None
     _connection: Any = None  # the asyncpg connection of `connection()`
     _read_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -44,6 +52,10 @@ class Context:
         session cannot run two statements at once, so use is serialized. It reads in
         autocommit (no BEGIN and ROLLBACK round trips: at READ COMMITTED each statement takes
         its own snapshot anyway) and takes a connection only at its first statement."""
+        if self.per_use:
+            async with self.runtime.read_sessions() as session:
+                yield session
+            return
         async with self._read_lock:
             if self._read_session is None:
                 self._read_session = await self._held.enter_async_context(self.runtime.read_sessions())
@@ -53,6 +65,10 @@ class Context:
     async def connection(self) -> AsyncIterator[Any]:
         """The request's asyncpg connection (``DriverPool``), for the hot reads written in SQL:
         no transaction, each statement on its own snapshot. Serialized like ``reading``."""
+        if self.per_use:
+            async with self.runtime.driver.acquire() as connection:
+                yield connection
+            return
         async with self._read_lock:
             if self._connection is None:
                 self._connection = await self._held.enter_async_context(self.runtime.driver.acquire())

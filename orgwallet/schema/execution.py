@@ -96,6 +96,16 @@ def _global_id(parent_type: GraphQLObjectType, node_id: object) -> relay.GlobalI
 class ExecutionContext(StrawberryGraphQLCoreExecutionContext):
     """Strawberry's execution context, with plain leaf fields read and serialized directly."""
 
+    def build_per_event_executor(self, payload: Any) -> Any:
+        """A subscription's executor for one event, with a memo of collected subfields of its
+        own. graphql-core copies the subscription's executor shallowly for each event, so every
+        event shared the memo, keyed by the identity of that event's own field lists: each event
+        added an entry that lived as long as the subscription (a live subscription's memory,
+        and the garbage collector's pauses, grew with every event)."""
+        executor = super().build_per_event_executor(payload)
+        executor._relevant_sub_fields = {}
+        return executor
+
     def execute_field(
         self,
         parent_type: GraphQLObjectType,

@@ -19,14 +19,17 @@ from orgwallet.config import Settings
 from orgwallet.errors import OrgWalletError
 from orgwallet.metrics import GraphQLMetrics
 from orgwallet.resolvers.autotopup import AutoTopUpMutations
+from orgwallet.resolvers.insights import InsightsMutations
 from orgwallet.resolvers.notifications import NotificationMutations
 from orgwallet.resolvers.organizations import OrganizationMutations, OrganizationQueries
 from orgwallet.resolvers.purchases import PurchaseMutations, PurchaseQueries
 from orgwallet.resolvers.wallets import WalletMutations
+from orgwallet.schema.audit import AuditEvent
 from orgwallet.schema.errors import CodedError
 from orgwallet.schema.execution import ExecutionContext
 from orgwallet.schema.extensions import DomainErrorCodes
 from orgwallet.schema.limits import CachedDocuments, DocumentCache, QueryLimits
+from orgwallet.schema.live import Subscription
 from orgwallet.schema.notifications import BalanceAlert, Notification
 from orgwallet.schema.purchases import Purchase, TokenPackage
 from orgwallet.schema.scalars import SCALAR_MAP
@@ -36,7 +39,14 @@ from orgwallet.schema.wallets import CreditGrant, LedgerEntry, Reservation, Wall
 Query = merge_types("Query", (OrganizationQueries, PurchaseQueries))
 Mutation = merge_types(
     "Mutation",
-    (OrganizationMutations, WalletMutations, PurchaseMutations, NotificationMutations, AutoTopUpMutations),
+    (
+        OrganizationMutations,
+        WalletMutations,
+        PurchaseMutations,
+        NotificationMutations,
+        AutoTopUpMutations,
+        InsightsMutations,
+    ),
 )
 
 
@@ -78,6 +88,7 @@ def build_schema(
     return Schema(
         query=Query,
         mutation=Mutation,
+        subscription=Subscription,
         types=[
             ApiKey,
             Wallet,
@@ -88,6 +99,7 @@ def build_schema(
             Purchase,
             Notification,
             BalanceAlert,
+            AuditEvent,
         ],
         config=StrawberryConfig(scalar_map=SCALAR_MAP),
         execution_context_class=ExecutionContext,

@@ -27,6 +27,7 @@ from orgwallet.services import organizations as org_service
 from orgwallet.services import wallets as wallet_service
 
 if TYPE_CHECKING:
+    from orgwallet.schema.audit import AuditEventConnection
     from orgwallet.schema.autotopup import AutoTopUpPolicy
     from orgwallet.schema.notifications import BalanceAlert, NotificationConnection
     from orgwallet.schema.purchases import PurchaseConnection, PurchaseStatus
@@ -209,6 +210,24 @@ class Organization(relay.Node):
             await access.authorize(session, info.context.principal, self.pk, Permission.MEMBERS_MANAGE)
             rows = await key_service.list_api_keys(session, self.pk)
         return [ApiKey.of(row) for row in rows]
+
+    @strawberry.field(
+        description="Every change in the organization, newest first; owners, admins and platform staff."
+    )
+    async def audit_log(
+        self,
+        info: Info,
+        first: int | None = 50,
+        after: str | None = None,
+        actions: list[str] | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> Annotated[AuditEventConnection, strawberry.lazy("orgwallet.schema.audit")]:
+        from orgwallet.schema.audit import audit_log_connection
+
+        return await audit_log_connection(
+            info, self.pk, first=first, after=after, actions=actions, since=since, until=until
+        )
 
     @classmethod
     async def resolve_nodes(  # type: ignore[override]

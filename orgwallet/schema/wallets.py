@@ -34,6 +34,7 @@ from orgwallet.services import access
 from orgwallet.services import wallets as wallet_service
 
 if TYPE_CHECKING:
+    from orgwallet.schema.insights import UsageForecast
     from orgwallet.schema.types import Organization
 
 T = TypeVar("T")
@@ -301,6 +302,14 @@ class Wallet(relay.Node):
             edges=edges,
             page_info=page_info([e.cursor for e in edges], has_next=page.has_next, after=after),
         )
+
+    @strawberry.field(description="Daily consumption and where the balance is heading.")
+    async def forecast(
+        self, info: Info
+    ) -> Annotated[UsageForecast, strawberry.lazy("orgwallet.schema.insights")]:
+        from orgwallet.schema.insights import UsageForecast
+
+        return await UsageForecast.load(info, self.pk)
 
     @classmethod
     async def resolve_nodes(  # type: ignore[override]

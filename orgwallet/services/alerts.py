@@ -30,6 +30,9 @@ from orgwallet.errors import Conflict, InvalidInput, NotFound
 from orgwallet.services import access, audit, notifications, validation
 from orgwallet.services.notifications import NotificationKind
 
+#: The actor of what the wallet-change signal's listener changes (an alert that fires).
+ACTOR = "system:balance-alerts"
+
 
 @dataclass(frozen=True, slots=True)
 class BalanceAlert:
@@ -252,4 +255,14 @@ async def _fire(
         body=body,
         data={"threshold": row.threshold, "balance": wallet.balance, "alertId": str(row.id)},
         now=now,
+    )
+    await audit.record(
+        session,
+        ACTOR,
+        action="balance_alert.fire",
+        organization_id=wallet.organization_id,
+        target_type="balance_alert",
+        target_id=row.id,
+        before={"armed": True, "fired_count": fired - 1},
+        after={"armed": False, "fired_count": fired, "balance": wallet.balance, "threshold": row.threshold},
     )

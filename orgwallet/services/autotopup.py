@@ -741,9 +741,9 @@ async def _turn_off(
         ),
         {"reason": reason[:1000], "org": policy.organization_id, "actor": ACTOR},
     )
-    await audit.record_system(
+    await audit.record(
         session,
-        actor=ACTOR,
+        ACTOR,
         action="auto_top_up.disabled",
         organization_id=policy.organization_id,
         target_type="auto_top_up_policy",

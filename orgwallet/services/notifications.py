@@ -26,7 +26,7 @@ from orgwallet.auth.principals import Principal
 from orgwallet.db.engine import transaction_connection
 from orgwallet.db.models import Role
 from orgwallet.errors import InvalidInput, NotFound
-from orgwallet.services import access, validation
+from orgwallet.services import access, audit, validation
 
 MAX_PAGE = 200
 
@@ -240,8 +240,22 @@ async def mark_read(
         ),
         {"org": organization_id, "ids": None if notification_ids is None else list(notification_ids)},
     )
+    count = int(marked.rowcount)  # type: ignore[attr-defined]
+    if count:
+        await audit.record(
+            session,
+            principal,
+            action="notifications.mark_read",
+            organization_id=organization_id,
+            target_type="notifications",
+            target_id=None,
+            after={
+                "count": count,
+                "ids": None if notification_ids is None else [str(i) for i in notification_ids],
+            },
+        )
     unread = await _unread(session, organization_id)
-    return int(marked.rowcount), unread  # type: ignore[attr-defined]
+    return count, unread
 
 
 async def set_email_notifications(
@@ -250,16 +264,32 @@ async def set_email_notifications(
     """A member turns e-mail of the organization's notifications on or off for themselves."""
     user = access.require_user(principal)
     await access.authorize(session, principal, organization_id, Permission.TOKENS_VIEW)
-    updated = await session.execute(
+    before = await session.scalar(
         text(
             """
-            UPDATE memberships m SET email_notifications = :enabled
-            FROM users u
-            WHERE u.id = m.user_id AND u.subject = :subject AND m.organization_id = :org
+            WITH old AS (
+                SELECT m.organization_id, m.user_id, m.email_notifications FROM memberships m
+                JOIN users u ON u.id = m.user_id
+                WHERE u.subject = :subject AND m.organization_id = :org FOR UPDATE OF m
+            )
+            UPDATE memberships m SET email_notifications = :enabled FROM old
+            WHERE m.organization_id = old.organization_id AND m.user_id = old.user_id
+            RETURNING old.email_notifications
             """
         ),
         {"enabled": enabled, "subject": user.subject, "org": organization_id},
     )
-    if updated.rowcount == 0:  # type: ignore[attr-defined]  # platform staff, not a member
+    if before is None:  # platform staff, not a member
         raise NotFound("you are not a member of this organization")
+    if before != enabled:
+        await audit.record(
+            session,
+            principal,
+            action="member.email_notifications",
+            organization_id=organization_id,
+            target_type="member",
+            target_id=user.subject,
+            before={"email_notifications": before},
+            after={"email_notifications": enabled},
+        )
     return enabled

@@ -20,7 +20,6 @@ in Stripe what it needs before the event's transaction (``awaits_credit``,
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -44,7 +43,6 @@ from orgwallet.auth.principals import Principal
 from orgwallet.config import Settings
 from orgwallet.db.engine import driver_connection, transaction
 from orgwallet.db.models import (
-    AuditEntry,
     Organization,
     PaymentAlert,
     Purchase,
@@ -57,13 +55,12 @@ from orgwallet.errors import IdempotencyConflict, InvalidInput, NotFound, OrgWal
 from orgwallet.money import format_amount
 from orgwallet.payments.gateway import CheckoutLink, PaymentDeclined, StripeGateway
 from orgwallet.services import access, audit, autotopup, notifications, pricing, validation, wallets
-from orgwallet.services.audit import request_id_var
 from orgwallet.services.notifications import NotificationKind
 
 log = logging.getLogger(__name__)
 
 #: The actor of everything Stripe's events do (ledger entries, audit rows).
-STRIPE_ACTOR = "stripe"
+STRIPE_ACTOR = audit.STRIPE_ACTOR
 MAX_PAGE = 500
 MAX_URL_LENGTH = 2048
 
@@ -120,21 +117,41 @@ def _indeterminate(error: stripe.StripeError) -> bool:
 
 #: A Checkout purchase whose session Stripe never confirmed is removed after this long.
 ABANDONED_AFTER = timedelta(hours=1)
+#: The actor of the duty that removes them (``purchases.abandoned``).
+ABANDONED_ACTOR = "system:purchases.abandoned"
 
 
 async def remove_abandoned(sessions: async_sessionmaker[AsyncSession], now: datetime) -> int:
     """Removes Checkout purchases left without a session (Stripe failed, and nobody came back
     with the same key): they hold no money, no tokens and no page anyone could pay."""
     async with transaction(sessions) as session:
-        result = await session.execute(
-            delete(Purchase).where(
-                col(Purchase.status) == PurchaseStatus.PENDING,
-                col(Purchase.method) == PurchaseMethod.CHECKOUT,
-                col(Purchase.checkout_session_id).is_(None),
-                col(Purchase.created_at) < now - ABANDONED_AFTER,
+        removed = (
+            (
+                await session.execute(
+                    delete(Purchase)
+                    .where(
+                        col(Purchase.status) == PurchaseStatus.PENDING,
+                        col(Purchase.method) == PurchaseMethod.CHECKOUT,
+                        col(Purchase.checkout_session_id).is_(None),
+                        col(Purchase.created_at) < now - ABANDONED_AFTER,
+                    )
+                    .returning(Purchase)
+                )
             )
+            .scalars()
+            .all()
         )
-    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+        for purchase in removed:
+            await audit.record(
+                session,
+                ABANDONED_ACTOR,
+                action="purchase.remove_abandoned",
+                organization_id=purchase.organization_id,
+                target_type="purchase",
+                target_id=purchase.id,
+                before=_purchase_snapshot(purchase),
+            )
+    return len(removed)
 
 
 @contextmanager
@@ -580,9 +597,13 @@ async def charge_saved_card(
             failed = await _lock(session, purchase.id)
             link_payment_intent(failed, declined.payment_intent_id)
             reason = decline_reason(declined.message, declined.decline_code or declined.stripe_code)
+            before = _purchase_snapshot(failed)
             if declined.stripe_code == ACTION_REQUIRED and failed.method == PurchaseMethod.AUTO_TOP_UP:
                 await note_action_required(session, failed, reason)
             elif _fail(failed, reason):
+                await _stripe_audit(
+                    session, failed, "purchase.failed", before=before, after=_purchase_snapshot(failed)
+                )
                 await _failed(session, failed, now)
             await session.flush()
         return SavedCardOutcome(failed, declined)
@@ -620,9 +641,12 @@ async def note_action_required(session: AsyncSession, purchase: Purchase, reason
     or expires."""
     if purchase.status != PurchaseStatus.PENDING:
         return "ignored"
-    purchase.failure_reason = reason[:1000] if ACTION_REQUIRED in reason else f"{reason} ({ACTION_REQUIRED})"
-    purchase.updated_at = _now()
-    await session.flush()
+    noted = reason[:1000] if ACTION_REQUIRED in reason else f"{reason} ({ACTION_REQUIRED})"
+    if purchase.failure_reason != noted:  # the charge's answer, then its event: one change
+        purchase.failure_reason = noted
+        purchase.updated_at = _now()
+        await session.flush()
+        await _stripe_audit(session, purchase, "purchase.action_required", after={"failure_reason": noted})
     return "action_required"
 
 
@@ -647,6 +671,15 @@ async def open_action_page(
             locked.action_url = link.url
             locked.updated_at = _now()
             await session.flush()
+            await audit.record(
+                session,
+                autotopup.ACTOR,
+                action="purchase.action_page",
+                organization_id=locked.organization_id,
+                target_type="purchase",
+                target_id=locked.id,
+                after={"checkout_session_id": link.session_id, "action_url": link.url},
+            )
             await notifications.notify(
                 session,
                 locked.organization_id,
@@ -698,9 +731,9 @@ async def insert_auto_top_up(
             .returning(Purchase)
         )
     ).scalar_one()
-    await audit.record_system(
+    await audit.record(
         session,
-        actor=actor,
+        actor,
         action="purchase.auto_top_up",
         organization_id=organization_id,
         target_type="purchase",
@@ -932,6 +965,22 @@ def link_payment_intent(purchase: Purchase, payment_intent_id: str | None) -> No
         purchase.updated_at = _now()
 
 
+async def await_delayed_payment(
+    session: AsyncSession, purchase: Purchase, payment_intent_id: str | None, event_id: str
+) -> str:
+    """A Checkout completed with a delayed method (a bank debit): the purchase stays PENDING
+    until Stripe reports the payment's outcome."""
+    link_payment_intent(purchase, payment_intent_id)
+    await session.flush()
+    await _stripe_audit(
+        session,
+        purchase,
+        "purchase.awaiting_payment",
+        after={"payment_intent_id": purchase.payment_intent_id, "stripe_event": event_id},
+    )
+    return "awaiting_payment"
+
+
 def decline_reason(message: str | None, code: str | None) -> str:
     reason = (message or "The payment failed.").strip()
     if code and code not in reason:
@@ -948,7 +997,7 @@ def _fail(purchase: Purchase, reason: str) -> bool:
     return True
 
 
-def _stripe_audit(
+async def _stripe_audit(
     session: AsyncSession,
     purchase: Purchase,
     action: str,
@@ -956,17 +1005,16 @@ def _stripe_audit(
     before: dict[str, Any] | None = None,
     after: dict[str, Any] | None = None,
 ) -> None:
-    session.add(
-        AuditEntry(
-            actor=STRIPE_ACTOR,
-            action=action,
-            organization_id=purchase.organization_id,
-            target_type="purchase",
-            target_id=str(purchase.id),
-            before=before,
-            after=after,
-            request_id=request_id_var.get(),
-        )
+    """The audit row of a change Stripe's answer made to a purchase."""
+    await audit.record(
+        session,
+        STRIPE_ACTOR,
+        action=action,
+        organization_id=purchase.organization_id,
+        target_type="purchase",
+        target_id=purchase.id,
+        before=before,
+        after=after,
     )
 
 
@@ -985,7 +1033,7 @@ async def _alert_mismatch(session: AsyncSession, purchase: Purchase, payment: Pa
             received_currency=payment.currency,
         )
     )
-    _stripe_audit(
+    await _stripe_audit(
         session,
         purchase,
         f"purchase.{kind}",
@@ -1013,7 +1061,10 @@ async def _alert_mismatch(session: AsyncSession, purchase: Purchase, payment: Pa
 
 #: Marks a credited purchase paid, with its lot, and writes its audit row: one statement, sent
 #: on the driver (the transaction has begun). The jsonb values are sent as text.
-_MARK_PAID = """
+_PAID_AUDIT = audit.driver_insert(
+    8, after_extra="jsonb_build_object('lot_id', coalesce(paid.lot_id::text, 'None'))", source="FROM paid"
+)
+_MARK_PAID = f"""
     WITH paid AS (
         UPDATE purchases
         SET status = $2, lot_id = (SELECT id FROM credit_lots WHERE entry_id = $3),
@@ -1022,16 +1073,10 @@ _MARK_PAID = """
         WHERE id = $1
         RETURNING lot_id
     ), audited AS (
-        INSERT INTO audit_log (id, at, actor, action, organization_id, target_type, target_id,
-                               before, after, request_id)
-        SELECT $8::uuid, $9::timestamptz, $10::text, 'purchase.paid', $11::uuid, 'purchase', $15::text,
-               CAST($12::text AS jsonb),
-               CAST($13::text AS jsonb) || jsonb_build_object('lot_id', coalesce(paid.lot_id::text, 'None')),
-               $14::text
-        FROM paid
+        {_PAID_AUDIT}
     )
     SELECT lot_id FROM paid
-"""
+"""  # noqa: S608 (constant SQL)
 _WALLET_OF = "SELECT id FROM wallets WHERE organization_id = $1"
 
 
@@ -1093,14 +1138,17 @@ async def credit_purchase(
         paid["receipt_url"],
         paid["charge_id"],
         paid["payment_intent_id"],
-        uuid7(),
-        _now(),
-        STRIPE_ACTOR,
-        purchase.organization_id,
-        json.dumps(before),
-        json.dumps(before | {"status": PurchaseStatus.PAID, "stripe_event": payment.event_id}),
-        request_id_var.get(),
-        str(purchase.id),
+        *audit.driver_values(
+            audit.entry(
+                STRIPE_ACTOR,
+                action="purchase.paid",
+                organization_id=purchase.organization_id,
+                target_type="purchase",
+                target_id=purchase.id,
+                before=before,
+                after=before | {"status": PurchaseStatus.PAID, "stripe_event": payment.event_id},
+            )
+        ),
     )
     for name, value in (paid | {"lot_id": lot_id}).items():
         set_committed_value(purchase, name, value)
@@ -1126,7 +1174,9 @@ async def fail_purchase(
     if not _fail(purchase, reason[:1000]):
         return "ignored"
     await session.flush()
-    _stripe_audit(session, purchase, "purchase.failed", before=before, after=_purchase_snapshot(purchase))
+    await _stripe_audit(
+        session, purchase, "purchase.failed", before=before, after=_purchase_snapshot(purchase)
+    )
     await _failed(session, purchase, now)
     return "failed"
 
@@ -1165,6 +1215,9 @@ async def note_declined_attempt(session: AsyncSession, purchase: Purchase, reaso
     purchase.failure_reason = reason[:1000]
     purchase.updated_at = _now()
     await session.flush()
+    await _stripe_audit(
+        session, purchase, "purchase.attempt_declined", after={"failure_reason": purchase.failure_reason}
+    )
     return "attempt_declined"
 
 
@@ -1175,7 +1228,9 @@ async def expire_purchase(session: AsyncSession, purchase: Purchase, now: dateti
     purchase.status = PurchaseStatus.EXPIRED
     purchase.updated_at = _now()
     await session.flush()
-    _stripe_audit(session, purchase, "purchase.expired", before=before, after=_purchase_snapshot(purchase))
+    await _stripe_audit(
+        session, purchase, "purchase.expired", before=before, after=_purchase_snapshot(purchase)
+    )
     if purchase.method == PurchaseMethod.AUTO_TOP_UP:  # its payment page was never paid
         await autotopup.on_failed(session, purchase, now)
     return "expired"
@@ -1243,7 +1298,7 @@ async def apply_refund(
         purchase.status = _refunded_status(purchase)
     purchase.updated_at = _now()
     await session.flush()
-    _stripe_audit(
+    await _stripe_audit(
         session,
         purchase,
         "purchase.refunded",
@@ -1369,7 +1424,7 @@ async def apply_dispute(
         purchase.dispute_status = status or None
     purchase.updated_at = _now()
     await session.flush()
-    _stripe_audit(
+    await _stripe_audit(
         session,
         purchase,
         "purchase.disputed",
@@ -1414,7 +1469,7 @@ async def close_dispute(
         purchase.dispute_closed_at = now or _now()
     purchase.updated_at = _now()
     await session.flush()
-    _stripe_audit(
+    await _stripe_audit(
         session,
         purchase,
         "purchase.dispute_closed",
@@ -1459,7 +1514,7 @@ async def _win_dispute(
     purchase.dispute_closed_at = now or _now()
     purchase.updated_at = _now()
     await session.flush()
-    _stripe_audit(
+    await _stripe_audit(
         session,
         purchase,
         "purchase.dispute_won",
@@ -1544,16 +1599,14 @@ async def save_default_payment_method(
         .where(col(StripeCustomer.organization_id) == row.organization_id)
         .values(default_payment_method=payment_method_id, updated_at=_now())
     )
-    session.add(
-        AuditEntry(
-            actor=STRIPE_ACTOR,
-            action="payment_method.saved",
-            organization_id=row.organization_id,
-            target_type="stripe_customer",
-            target_id=customer_id,
-            before={"default_payment_method": before},
-            after={"default_payment_method": payment_method_id, "stripe_event": event_id},
-            request_id=request_id_var.get(),
-        )
+    await audit.record(
+        session,
+        STRIPE_ACTOR,
+        action="payment_method.saved",
+        organization_id=row.organization_id,
+        target_type="stripe_customer",
+        target_id=customer_id,
+        before={"default_payment_method": before},
+        after={"default_payment_method": payment_method_id, "stripe_event": event_id},
     )
     return "payment_method_saved"

@@ -8,6 +8,7 @@ import math
 import re
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from strawberry.relay import GlobalID
@@ -143,3 +144,13 @@ def id_after(kind: str, cursor: str) -> uuid.UUID:
         return uuid.UUID(value)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidInput("after is not a cursor of this connection", field="after") from exc
+
+
+def time_window(since: datetime | None, until: datetime | None) -> tuple[datetime | None, datetime | None]:
+    """A [since, until) filter of a list: instants with a time zone, ``since`` before ``until``."""
+    for value, field in ((since, "since"), (until, "until")):
+        if value is not None and value.tzinfo is None:
+            raise InvalidInput(f"{field} must carry a time zone (e.g. 2027-01-31T00:00:00Z)", field=field)
+    if since is not None and until is not None and since >= until:
+        raise InvalidInput("until must be after since", field="until")
+    return since, until

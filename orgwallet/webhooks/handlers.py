@@ -134,9 +134,7 @@ async def _credit_session(ctx: EventContext, checkout: JsonObject) -> str:
         return _unknown(ctx, checkout)
     intent_id = _id_of(checkout.get("payment_intent"))
     if not _session_paid(checkout):
-        purchases.link_payment_intent(purchase, intent_id)
-        await ctx.session.flush()
-        return "awaiting_payment"
+        return await purchases.await_delayed_payment(ctx.session, purchase, intent_id, ctx.event_id)
     amount = checkout.get("amount_total")
     payment = Payment(
         event_id=ctx.event_id,

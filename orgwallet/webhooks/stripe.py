@@ -39,6 +39,7 @@ from starlette.routing import Route
 from orgwallet import metrics
 from orgwallet.db.engine import DriverPool, driver_connection, transaction
 from orgwallet.payments.gateway import InvalidStripeWebhook, StripeGateway
+from orgwallet.services.audit import request_id_var
 from orgwallet.webhooks.handlers import HANDLERS, PREFETCH, EventContext, Fetched, PrefetchContext
 
 log = logging.getLogger(__name__)
@@ -101,8 +102,13 @@ async def handle_event(
     now: datetime | None = None,
 ) -> tuple[int, str]:
     """Stores and handles one verified event: (HTTP status, outcome). ``now``: the runtime's
-    clock (the machine's when not given)."""
-    status, outcome = await _handle_event(sessions, gateway, event, payload, now)
+    clock (the machine's when not given). The event's id is the request id of what it writes
+    (audit rows) and logs: the same whether Stripe delivered it or a retry handles it again."""
+    request_id = request_id_var.set(str(event["id"]))
+    try:
+        status, outcome = await _handle_event(sessions, gateway, event, payload, now)
+    finally:
+        request_id_var.reset(request_id)
     metrics.stripe_event(_type_label(event), outcome)
     return status, outcome
 
