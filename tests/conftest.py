@@ -52,6 +52,17 @@ def postgres() -> Iterator[Postgres]:
 
 
 @pytest.fixture
+def embedded_home() -> Iterator[Path]:
+    """A fresh ORGWALLET_HOME for a command that starts the embedded PostgreSQL, outside pytest's
+    tmp_path: run as root, pgserver runs PostgreSQL as another user, which must reach the data
+    directory, and pytest makes its own temporary root private (0700) again whenever a session
+    starts."""
+    root = Path(tempfile.mkdtemp(prefix="orgwallet-test-home-"))
+    yield root / "home"
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
 def database_url(postgres: Postgres) -> Iterator[str]:
     name = f"test_{os.getpid()}_{next(_counter)}"
     postgres.sql(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE};")

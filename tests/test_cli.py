@@ -88,10 +88,12 @@ def test_help_names_what_exists(tmp_path: Path) -> None:
     assert "ledger.sweep" in expire.stdout and "will do it" not in expire.stdout
 
 
-def test_a_command_on_the_embedded_postgres_is_quiet_and_stops_what_it_started(tmp_path: Path) -> None:
+def test_a_command_on_the_embedded_postgres_is_quiet_and_stops_what_it_started(
+    tmp_path: Path, embedded_home: Path
+) -> None:
     """No XDG_RUNTIME_DIR warning (unset, as on most servers), and the PostgreSQL that
     `migrate` started for itself is not left running."""
-    home = tmp_path / "home"
+    home = embedded_home
     done = _orgwallet("migrate", env={"ORGWALLET_HOME": str(home)}, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "migrations applied" in done.stdout

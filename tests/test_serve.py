@@ -122,8 +122,8 @@ def wait_postgres_stopped(home: Path, within: float = STOP_TIMEOUT) -> bool:
 
 
 @pytest.fixture
-def home(tmp_path: Path) -> Iterator[Path]:
-    home = tmp_path / "home"
+def home(embedded_home: Path) -> Iterator[Path]:
+    home = embedded_home
     yield home
     # Whatever happened, leave no PostgreSQL of ours running.
     pid = postmaster_pid(home)

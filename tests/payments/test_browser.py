@@ -80,13 +80,13 @@ def _stop_postgres(home: Path) -> None:
 
 
 @pytest.fixture
-def served(tmp_path: Path) -> Iterator[Served]:
+def served(tmp_path: Path, embedded_home: Path) -> Iterator[Served]:
     if not CHROMIUM.exists():
         pytest.skip(
             f"browser test skipped: Chromium is not installed at {CHROMIUM} (apt-get install chromium)"
         )
     pytest.importorskip("playwright.async_api", reason="browser test skipped: playwright is not installed")
-    home = tmp_path / "home"
+    home = embedded_home
     port = free_port()
     log = tmp_path / "serve.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ORGWALLET_", "STRIPE_"))}
