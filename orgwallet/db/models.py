@@ -302,3 +302,27 @@ class PaymentAlert(SQLModel, table=True):
     received_currency: str | None = None
     created_at: datetime = _ts()
     resolved_at: datetime | None = _ts(nullable=True)
+
+
+class SubscriptionPlan(SQLModel, table=True):
+    """A plan (migration 0013): ``interval`` and ``rollover`` hold the values of
+    ``services.plans.PlanInterval`` and ``RolloverPolicy``."""
+
+    __tablename__ = "subscription_plans"
+    id: uuid.UUID = _id()
+    code: str
+    name: str
+    tokens_per_period: int = Field(sa_column=Column(BigInteger, nullable=False))
+    unlimited: bool = False
+    interval: str
+    interval_count: int = 1
+    price_minor: int = Field(sa_column=Column(BigInteger, nullable=False))
+    currency: str
+    rollover: str
+    rollover_cap: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    active: bool = True
+    sort: int = 0
+    stripe_product_id: str | None = None
+    stripe_price_id: str | None = None
+    created_at: datetime = _ts()
+    updated_at: datetime = _ts()

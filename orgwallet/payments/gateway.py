@@ -405,6 +405,78 @@ class StripeGateway:
             params["amount"] = amount_minor
         return await self._client.v1.refunds.create_async(params, {"idempotency_key": idempotency_key})
 
+    # -- products and recurring prices (subscription plans) -------------------------------------
+
+    @_remote
+    async def create_product(
+        self, *, name: str, metadata: Mapping[str, str], idempotency_key: str
+    ) -> stripe.Product:
+        return await self._client.v1.products.create_async(
+            {"name": name, "metadata": dict(metadata)}, {"idempotency_key": idempotency_key}
+        )
+
+    @_remote
+    async def update_product(
+        self,
+        product_id: str,
+        *,
+        idempotency_key: str,
+        name: str | None = None,
+        active: bool | None = None,
+    ) -> stripe.Product:
+        """Renames or (un)archives a product; an archived one cannot be put on new prices or
+        subscriptions. The key must be new for each change: Stripe answers a reused key with
+        the first answer, without applying the request again."""
+        params: stripe.params.ProductUpdateParams = {}
+        if name is not None:
+            params["name"] = name
+        if active is not None:
+            params["active"] = active
+        return await self._client.v1.products.update_async(
+            product_id, params, {"idempotency_key": idempotency_key}
+        )
+
+    @_remote
+    async def retrieve_product(self, product_id: str) -> stripe.Product:
+        return await self._client.v1.products.retrieve_async(product_id)
+
+    @_remote
+    async def create_recurring_price(
+        self,
+        *,
+        product_id: str,
+        unit_amount: int,
+        currency: str,
+        interval: str,
+        interval_count: int,
+        metadata: Mapping[str, str],
+        idempotency_key: str,
+    ) -> stripe.Price:
+        """A licensed recurring price (``interval`` day, week, month or year, every
+        ``interval_count`` of them). Prices are immutable: a new amount is a new price."""
+        interval_value: Any = interval  # the SDK types it as a Literal of the four
+        return await self._client.v1.prices.create_async(
+            {
+                "product": product_id,
+                "unit_amount": unit_amount,
+                "currency": currency.lower(),
+                "recurring": {"interval": interval_value, "interval_count": interval_count},
+                "metadata": dict(metadata),
+            },
+            {"idempotency_key": idempotency_key},
+        )
+
+    @_remote
+    async def archive_price(self, price_id: str, *, idempotency_key: str) -> stripe.Price:
+        """Takes a price off sale (``active=false``): subscriptions on it keep it."""
+        return await self._client.v1.prices.update_async(
+            price_id, {"active": False}, {"idempotency_key": idempotency_key}
+        )
+
+    @_remote
+    async def retrieve_price(self, price_id: str) -> stripe.Price:
+        return await self._client.v1.prices.retrieve_async(price_id)
+
     # -- events --------------------------------------------------------------------------------
 
     def construct_event(self, payload: bytes, sig_header: str | None) -> stripe.Event:

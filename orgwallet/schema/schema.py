@@ -23,6 +23,7 @@ from orgwallet.resolvers.insights import InsightsMutations
 from orgwallet.resolvers.notifications import NotificationMutations
 from orgwallet.resolvers.organizations import OrganizationMutations, OrganizationQueries
 from orgwallet.resolvers.purchases import PurchaseMutations, PurchaseQueries
+from orgwallet.resolvers.subscriptions import SubscriptionMutations, SubscriptionQueries
 from orgwallet.resolvers.wallets import WalletMutations
 from orgwallet.schema.audit import AuditEvent
 from orgwallet.schema.errors import CodedError
@@ -33,10 +34,11 @@ from orgwallet.schema.live import Subscription
 from orgwallet.schema.notifications import BalanceAlert, Notification
 from orgwallet.schema.purchases import Purchase, TokenPackage
 from orgwallet.schema.scalars import SCALAR_MAP
+from orgwallet.schema.subscriptions import SubscriptionPlan
 from orgwallet.schema.types import ApiKey
 from orgwallet.schema.wallets import CreditGrant, LedgerEntry, Reservation, Wallet
 
-Query = merge_types("Query", (OrganizationQueries, PurchaseQueries))
+Query = merge_types("Query", (OrganizationQueries, PurchaseQueries, SubscriptionQueries))
 Mutation = merge_types(
     "Mutation",
     (
@@ -46,6 +48,7 @@ Mutation = merge_types(
         NotificationMutations,
         AutoTopUpMutations,
         InsightsMutations,
+        SubscriptionMutations,
     ),
 )
 
@@ -100,6 +103,7 @@ def build_schema(
             Notification,
             BalanceAlert,
             AuditEvent,
+            SubscriptionPlan,
         ],
         config=StrawberryConfig(scalar_map=SCALAR_MAP),
         execution_context_class=ExecutionContext,
