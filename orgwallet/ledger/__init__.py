@@ -16,7 +16,8 @@ Invariants, true after every transaction and checked by ``violations`` (``orgwal
    out of the lots when it is made, so held tokens are in no lot's ``remaining``.
    Lots past ``expires_at`` count until the sweep writes their EXPIRATION entry (every
    operation on the wallet sweeps first, so no operation ever draws an expired lot).
-4. ``wallet.reserved`` = sum of ``reservations.amount`` over open reservations.
+4. ``wallet.reserved`` = sum of ``reservations.amount`` over open reservations that are not
+   covered (a covered hold holds nothing).
 5. For every lot, ``remaining`` = sum of its ``ledger_allocations.amount`` (the lot's
    credit, draws negative, give-backs positive).
 6. Entries are numbered 1..``wallet.entry_seq`` without gaps, and each ``balance_after`` is
@@ -31,6 +32,13 @@ The wallet-change signal: every committed change of a balance passes one trigger
 (``wallets_signal``). A change that leaves the wallet's watch band (``watch``) enqueues, in
 the same transaction, one ``wallet.signal`` job, whose handler (``jobs.signal``) lets the
 listeners (balance alerts; next, automatic top-ups and live updates) act and sets the next band.
+
+Subscriptions (migration 0014). A period's allowance is a SUBSCRIPTION lot for its billing
+period (``grant_subscription_period``). An unlimited plan covers the wallet until
+``wallets.covered_until`` (``set_coverage``): while covered, every consumption path (single,
+group commit, reservations) records its entry with ``amount = 0`` and the tokens asked for in
+``covered`` (``Entry.covered``); it draws no lot, cannot lack tokens, and moves no lifetime
+counter: ``lifetime_consumed`` counts tokens drawn. A suspended wallet still refuses.
 """
 
 from __future__ import annotations
@@ -38,9 +46,9 @@ from __future__ import annotations
 import enum
 import json
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -130,6 +138,8 @@ class Entry:
     metadata: Any
     created_at: datetime
     actor: str | None = None  # read back from the table; a posting's entry leaves it to the caller
+    #: Tokens used under an unlimited plan (``amount`` is then 0); None for an entry not covered.
+    covered: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +220,7 @@ def _posting(
             reason=row.entry_reason,
             metadata=row.entry_metadata,
             created_at=row.entry_created_at,
+            covered=row.entry_covered,
         )
     return Posting(
         entry=entry,
@@ -275,16 +286,127 @@ async def credit(
             "now": now,
         },
     )
-    posting = _posting(row, key=key)
+    return _within_limits(_posting(row, key=key))
+
+
+def _within_limits(posting: Posting, field: str = "amount") -> Posting:
+    """A credit's answer, unless it took the wallet past ``MAX_TOKENS``. Checked on the
+    function's answer, under the wallet's lock; the caller's transaction rolls back on this
+    error as on any other, so nothing stays written."""
     wallet = posting.wallet
     if max(wallet.balance + wallet.reserved, wallet.lifetime_purchased, wallet.lifetime_granted) > MAX_TOKENS:
-        # Checked on the function's answer, under the wallet's lock; the caller's transaction
-        # rolls back on this error as on any other, so nothing stays written.
         raise InvalidInput(
-            f"amount would take the wallet past {MAX_TOKENS} tokens, the most the API counts exactly",
-            field="amount",
+            f"{field} would take the wallet past {MAX_TOKENS} tokens, the most the API counts exactly",
+            field=field,
         )
     return posting
+
+
+def _whole(value: object, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= MAX_TOKENS
+
+
+@dataclass(frozen=True, slots=True)
+class PeriodGrant:
+    """What ``grant_subscription_period`` did: the grant's posting, and the tokens carried over
+    from earlier periods beyond the rollover cap that it expired (0 on a replay)."""
+
+    posting: Posting
+    cut: int
+
+
+async def grant_subscription_period(
+    session: AsyncSession,
+    wallet_id: uuid.UUID,
+    *,
+    tokens: int,
+    period_start: datetime,
+    period_end: datetime,
+    rollover: Literal["expire", "rollover"],
+    cap: int | None,
+    key: str,
+    actor: str,
+    reason: str | None = None,
+    metadata: Any = None,
+    cost_minor: int | None = None,
+    currency: str | None = None,
+    reference_id: uuid.UUID | None = None,
+    now: datetime | None = None,
+) -> PeriodGrant:
+    """Credits one billing period's allowance, ``[period_start, period_end)``, as a SUBSCRIPTION
+    lot, once per ``key`` (the invoice's: ``subscription-invoice:<id>``).
+
+    ``expire``: the lot expires at ``period_end``. ``rollover``: it does not; ``cap`` bounds the
+    remainder carried into a new period: the subscription lots of earlier periods (those whose
+    period ended by ``period_start``) keep at most ``cap`` tokens in all once this grant is
+    made, the excess expired oldest lot first (EXPIRATION entries), in the same call. ``cap``
+    None: everything rolls over. Under ``expire`` the carried remainder is cut to 0 (lots left
+    by an earlier rollover plan). The new grant itself is never cut, so the allowance after a
+    renewal is at most ``cap + tokens``. A mid-period upgrade grants the difference with its own
+    key and ``period_start`` at the upgrade: the current period's lots are not "earlier"."""
+    if not _whole(tokens, 1):
+        raise InvalidInput(f"tokens must be a whole number between 1 and {MAX_TOKENS}", field="tokens")
+    if period_start.tzinfo is None or period_end.tzinfo is None:
+        raise InvalidInput("a period's bounds must carry a time zone", field="periodEnd")
+    if period_end <= period_start:
+        raise InvalidInput("a period must end after it starts", field="periodEnd")
+    if rollover == "expire":
+        if cap is not None:
+            raise InvalidInput("a rollover cap needs the rollover policy", field="rolloverCap")
+        carried_cap: int | None = 0
+        expires_at: datetime | None = period_end
+    elif rollover == "rollover":
+        if cap is not None and not _whole(cap, 0):
+            raise InvalidInput(f"rolloverCap must be between 0 and {MAX_TOKENS}", field="rolloverCap")
+        carried_cap, expires_at = cap, None
+    else:
+        raise InvalidInput("rollover must be 'expire' or 'rollover'", field="rollover")
+    row = await _call(
+        session,
+        "ledger_grant_subscription",
+        {
+            "wallet": wallet_id,
+            "amount": tokens,
+            "priority": DEFAULT_PRIORITY[GrantSource.SUBSCRIPTION],
+            "period_start": period_start,
+            "period_end": period_end,
+            "expires_at": expires_at,
+            "cap": carried_cap,
+            "cost_minor": cost_minor,
+            "currency": currency,
+            "key": key,
+            "reason": reason,
+            "metadata": _json(metadata),
+            "actor": actor,
+            "reference": reference_id,
+            "now": now,
+        },
+    )
+    posting = _within_limits(_posting(row, key=key), field="tokens")
+    return PeriodGrant(posting=replace(posting, shortfall=0), cut=row.detail or 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Coverage:
+    """A change of the wallet's coverage by an unlimited plan, for the caller's audit."""
+
+    wallet_id: uuid.UUID
+    before: datetime | None
+    until: datetime | None
+
+
+async def set_coverage(
+    session: AsyncSession, wallet_id: uuid.UUID, until: datetime | None, *, now: datetime | None = None
+) -> Coverage:
+    """Covers the wallet's consumptions until ``until`` (None: no longer covered). Covered, a
+    consumption (single, batched, reserved) is recorded but draws nothing and cannot lack
+    tokens. Setting the same value again changes nothing, so it is idempotent as it stands."""
+    if until is not None and until.tzinfo is None:
+        raise InvalidInput("coveredUntil must carry a time zone", field="coveredUntil")
+    row = await _call(session, "ledger_set_coverage", {"wallet": wallet_id, "until": until, "now": now})
+    if not row.wallet_found:
+        raise NotFound("wallet not found")
+    return Coverage(wallet_id=wallet_id, before=row.covered_before, until=until)
 
 
 async def consume(

@@ -405,7 +405,7 @@ class EntryPage:
 # which ORM objects, or even SQLAlchemy's row processing, cost more than the query.
 _PAGE = (
     "SELECT id, wallet_id, seq, kind, amount, held_change, balance_after, reserved_after,"
-    " idempotency_key, reason, metadata, created_at, actor FROM ledger_entries WHERE wallet_id = $1"
+    " idempotency_key, reason, metadata, created_at, actor, covered FROM ledger_entries WHERE wallet_id = $1"
 )
 _KINDS = {kind.value: kind for kind in EntryKind}
 
@@ -453,6 +453,7 @@ async def ledger_page(
             metadata=r[10],
             created_at=r[11],
             actor=r[12],
+            covered=r[13],
         )
         for r in rows[:first]
     ]
