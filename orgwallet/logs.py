@@ -95,6 +95,8 @@ def log_config(log_format: LogFormat, level: str = "INFO") -> dict[str, Any]:
             # Chatty at INFO: a line per plugin at every start; initdb's and pg_ctl's output.
             "alembic.runtime.plugins": {"level": "WARNING"},
             "pgserver": {"level": "WARNING"},
+            # A line per HTTP request the process makes (Stripe, the bench's own calls).
+            "httpx": {"level": "WARNING"},
         },
     }
 
