@@ -48,6 +48,9 @@ def postgres() -> Iterator[Postgres]:
     pg.sql(f"CREATE DATABASE {TEMPLATE};")
     upgrade(pg.url(TEMPLATE))
     yield pg
+    # Stopped now, while its directory exists: pgserver's own exit hook, after the directory
+    # is gone, could leave the server running.
+    server.cleanup()
     shutil.rmtree(root, ignore_errors=True)
 
 
