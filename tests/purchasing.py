@@ -5,8 +5,10 @@ and small helpers to start, pay and inspect purchases."""
 from __future__ import annotations
 
 import itertools
+import socket
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -222,3 +224,20 @@ async def shop(app: FastAPI, client: GraphQLClient) -> AsyncIterator[Shop]:
     app.state.runtime.simulator.webhooks.retry_delays = FAST_RETRIES
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app)) as browser:
         yield await new_shop(app, client, browser)
+
+
+@contextmanager
+def stripe_unreachable(shop: Shop) -> Iterator[None]:
+    """The app's Stripe is a closed loopback port (the real SDK, no retries) while inside."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    connection = shop.app.state.runtime.stripe
+    reachable = connection.gateway
+    connection.gateway = StripeGateway(
+        "sk_test_unreachable", "whsec_unused", api_base=f"http://127.0.0.1:{port}", max_network_retries=0
+    )
+    try:
+        yield
+    finally:
+        connection.gateway = reachable

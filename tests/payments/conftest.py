@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 import pytest
@@ -119,8 +121,10 @@ class StripeWorld:
         return setup_intent.payment_method
 
 
-@pytest.fixture
-async def stripe_world(database_url: str) -> AsyncIterator[StripeWorld]:
+@asynccontextmanager
+async def simulated_stripe(database_url: str, **settings: Any) -> AsyncIterator[StripeWorld]:
+    """A simulator on ``database_url`` (``settings``: more of ``create_simulator``'s), mounted
+    in a host app of its own, as one process would have it."""
     inbox = Inbox()
     host = FastAPI()
     stripe_app, simulator = create_simulator(
@@ -130,16 +134,25 @@ async def stripe_world(database_url: str) -> AsyncIterator[StripeWorld]:
         public_base_url=API_BASE,
         deliver=inbox,
         retry_delays=FAST_RETRIES,
+        **settings,
     )
     host.mount("/_stripe", stripe_app)
     transport = httpx.ASGITransport(app=host)
     gateway = StripeGateway(
         SECRET_KEY, WEBHOOK_SECRET, api_base=API_BASE, http_client=TransportHTTPClient(transport)
     )
-    async with httpx.AsyncClient(transport=transport, base_url=HOST) as browser:
-        yield StripeWorld(gateway, simulator, inbox, browser, transport)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url=HOST) as browser:
+            yield StripeWorld(gateway, simulator, inbox, browser, transport)
+    finally:
         await simulator.close()
-    await gateway.close()
+        await gateway.close()
+
+
+@pytest.fixture
+async def stripe_world(database_url: str) -> AsyncIterator[StripeWorld]:
+    async with simulated_stripe(database_url) as world:
+        yield world
 
 
 # The app's own Stripe (the simulator it mounts) and an organization buying from it, for the

@@ -5,17 +5,15 @@ not know; and a Stripe nobody listens for is a loopback port that is closed."""
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
-from orgwallet.payments.gateway import StripeGateway
 from orgwallet.services import purchases
 from tests.payments.test_purchases import buy_with_saved_card, save_card
-from tests.purchasing import CANCEL_URL, PURCHASE_FIELDS, SUCCESS_URL, Shop
+from tests.purchasing import CANCEL_URL, PURCHASE_FIELDS, SUCCESS_URL, Shop, stripe_unreachable
 
 PROVIDER_ERROR = f"... on PaymentProviderError {{ code message purchase {{ {PURCHASE_FIELDS} }} }}"
 START = f"""
@@ -37,17 +35,8 @@ mutation($input: SetupPaymentMethodInput!) {
 
 @pytest.fixture
 def unreachable_stripe(shop: Shop) -> Iterator[None]:
-    """The app's Stripe is a closed loopback port (the real SDK, no retries)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    connection = shop.app.state.runtime.stripe
-    reachable = connection.gateway
-    connection.gateway = StripeGateway(
-        "sk_test_unreachable", "whsec_unused", api_base=f"http://127.0.0.1:{port}", max_network_retries=0
-    )
-    yield
-    connection.gateway = reachable
+    with stripe_unreachable(shop):
+        yield
 
 
 async def _purchases(shop: Shop) -> list[Any]:

@@ -14,21 +14,16 @@ from typing import Any
 import httpx
 import pytest
 import stripe
-from fastapi import FastAPI
 
-from orgwallet.payments.gateway import STRIPE_API_VERSION, StripeGateway, TransportHTTPClient
-from orgwallet.payments.simulator import create_simulator
+from orgwallet.payments.gateway import STRIPE_API_VERSION, TransportHTTPClient
 from orgwallet.payments.simulator.billing import shifted
 from tests.payments.conftest import (
     API_BASE,
-    FAST_RETRIES,
-    HOST,
     KEYED,
     SECRET_KEY,
-    WEBHOOK_SECRET,
-    Inbox,
     StripeWorld,
     key,
+    simulated_stripe,
 )
 
 DAY = 24 * 3600
@@ -1005,28 +1000,10 @@ async def world_on(
     SDK on it."""
     if clock is not None:
         settings["clock"] = clock
-    inbox = Inbox()
-    host = FastAPI()
-    stripe_app, simulator = create_simulator(
-        secret_key=SECRET_KEY,
-        database_url=database_url,
-        webhook_secret=WEBHOOK_SECRET,
-        public_base_url=API_BASE,
-        deliver=inbox,
-        retry_delays=FAST_RETRIES,
-        **settings,
-    )
-    host.mount("/_stripe", stripe_app)
-    transport = httpx.ASGITransport(app=host)
-    gateway = StripeGateway(
-        SECRET_KEY, WEBHOOK_SECRET, api_base=API_BASE, http_client=TransportHTTPClient(transport)
-    )
-    http_client = TransportHTTPClient(transport)
-    try:
-        async with httpx.AsyncClient(transport=transport, base_url=HOST) as browser:
-            yield StripeWorld(gateway, simulator, inbox, browser, transport), _client(http_client)
-            await simulator.drain()
-    finally:
-        await simulator.close()
-        await http_client.close_async()
-        await gateway.close()
+    async with simulated_stripe(database_url, **settings) as world:
+        http_client = TransportHTTPClient(world.transport)
+        try:
+            yield world, _client(http_client)
+            await world.simulator.drain()
+        finally:
+            await http_client.close_async()

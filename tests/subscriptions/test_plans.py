@@ -4,9 +4,6 @@ archive it; members see the plans on sale; bad input and a failing Stripe leave 
 
 from __future__ import annotations
 
-import socket
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -14,7 +11,7 @@ from sqlalchemy.exc import IntegrityError
 
 from orgwallet.payments.gateway import StripeGateway
 from tests.helpers import add_member, create_org
-from tests.purchasing import Shop
+from tests.purchasing import Shop, stripe_unreachable
 
 ADMIN = "root-admin"  # tests/conftest.py's platform admin
 
@@ -104,24 +101,6 @@ async def stripe_made(shop: Shop) -> int:
     return len(await shop.simulator.events("product.created")) + len(
         await shop.simulator.events("price.created")
     )
-
-
-@contextmanager
-def stripe_unreachable(shop: Shop) -> Iterator[None]:
-    """The app's Stripe is a closed loopback port (the real SDK, no retries), as in
-    tests/payments/test_provider_failures.py, for part of a test."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    connection = shop.app.state.runtime.stripe
-    reachable = connection.gateway
-    connection.gateway = StripeGateway(
-        "sk_test_unreachable", "whsec_unused", api_base=f"http://127.0.0.1:{port}", max_network_retries=0
-    )
-    try:
-        yield
-    finally:
-        connection.gateway = reachable
 
 
 async def codes(shop: Shop, org: str | None, as_: str) -> list[str]:
