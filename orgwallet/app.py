@@ -44,6 +44,7 @@ from orgwallet.runtime import Runtime
 from orgwallet.schema.context import Context
 from orgwallet.schema.limits import BodyTooLarge, DocumentCache, bounded, declared_length
 from orgwallet.schema.schema import build_schema
+from orgwallet.services import subscriptions
 from orgwallet.services.audit import request_id_var
 from orgwallet.services.exports import export_route
 from orgwallet.webhooks import stripe_webhook_route
@@ -247,7 +248,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.graphiql:
         app.mount("/_graphiql", StaticFiles(directory=GRAPHIQL_ASSETS), name="graphiql")
     app.router.routes.append(
-        stripe_webhook_route(runtime.driver, runtime.sessions, runtime.gateway, lambda: runtime.clock.now())
+        stripe_webhook_route(
+            runtime.driver,
+            runtime.sessions,
+            runtime.gateway,
+            lambda: runtime.clock.now(),
+            subscriptions.grace_period(runtime),
+        )
     )
     app.router.routes.append(
         export_route(runtime.driver, lambda: settings.signing_secret, lambda: runtime.clock.now())

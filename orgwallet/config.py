@@ -95,6 +95,10 @@ class Settings(BaseSettings):
 
     # Automatic top-ups: at most this many per wallet in 24 hours, whatever happens.
     auto_top_up_max_per_day: int = 5
+    # Subscriptions: how long a past-due subscription keeps its plan before it is canceled and
+    # the wallet suspended, and how many days before each renewal the organization is told.
+    subscription_grace_days: float = Field(default=7.0, gt=0)
+    subscription_reminder_days: float = Field(default=3.0, ge=0)
     # A CSV export's link (createExport) opens the download for this long.
     export_link_seconds: int = 300
     # Where the single-page app lives: a payment page opened for the customer (a card asking

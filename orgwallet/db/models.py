@@ -326,3 +326,65 @@ class SubscriptionPlan(SQLModel, table=True):
     stripe_price_id: str | None = None
     created_at: datetime = _ts()
     updated_at: datetime = _ts()
+
+
+class SubscriptionStatus(enum.StrEnum):
+    INCOMPLETE = "incomplete"  # made by subscribe; its Checkout not paid yet
+    TRIALING = "trialing"
+    ACTIVE = "active"
+    PAST_DUE = "past_due"
+    PAUSED = "paused"  # collection paused: renewals are voided and grant nothing
+    CANCELED = "canceled"
+
+
+class Subscription(SQLModel, table=True):
+    """An organization's Stripe subscription (migration 0015): Stripe's object as last read."""
+
+    __tablename__ = "subscriptions"
+    id: uuid.UUID = _id()
+    organization_id: uuid.UUID = _ref()
+    plan_id: uuid.UUID = _ref()
+    scheduled_plan_id: uuid.UUID | None = _ref(nullable=True)
+    status: str = SubscriptionStatus.INCOMPLETE.value
+    idempotency_key: str | None = None
+    checkout_session_id: str | None = None
+    checkout_url: str | None = None
+    stripe_subscription_id: str | None = None
+    stripe_item_id: str | None = None
+    stripe_price_id: str | None = None
+    renewal_amount_minor: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    currency: str
+    current_period_start: datetime | None = _ts(nullable=True)
+    current_period_end: datetime | None = _ts(nullable=True)
+    plan_since: datetime | None = _ts(nullable=True)
+    cancel_at_period_end: bool = False
+    canceled_at: datetime | None = _ts(nullable=True)
+    paused_at: datetime | None = _ts(nullable=True)
+    grace_ends_at: datetime | None = _ts(nullable=True)
+    grace_expired_at: datetime | None = _ts(nullable=True)
+    wallet_suspended_at: datetime | None = _ts(nullable=True)
+    reminded_period_end: datetime | None = _ts(nullable=True)
+    sync_seq: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
+    created_at: datetime = _ts()
+    updated_at: datetime = _ts()
+
+
+class SubscriptionInvoice(SQLModel, table=True):
+    """A Stripe invoice of a subscription as last seen, with the tokens it granted."""
+
+    __tablename__ = "subscription_invoices"
+    id: uuid.UUID = _id()
+    subscription_id: uuid.UUID = _ref()
+    stripe_invoice_id: str
+    status: str
+    billing_reason: str | None = None
+    amount_minor: int = Field(sa_column=Column(BigInteger, nullable=False))
+    currency: str
+    period_start: datetime = _ts()
+    period_end: datetime = _ts()
+    tokens_granted: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
+    hosted_invoice_url: str | None = None
+    paid_at: datetime | None = _ts(nullable=True)
+    attempt_count: int = 0
+    created_at: datetime = _ts()
+    updated_at: datetime = _ts()

@@ -21,7 +21,7 @@ from sqlalchemy import text
 
 from orgwallet.db.engine import transaction
 from orgwallet.jobs import enqueue
-from orgwallet.services import autotopup, forecast, mail, notifications, purchases, wallets
+from orgwallet.services import autotopup, forecast, mail, notifications, purchases, subscriptions, wallets
 from orgwallet.services.notifications import NotificationKind
 from orgwallet.webhooks.stripe import handle_event
 
@@ -69,7 +69,12 @@ async def retry_stripe_events(runtime: Runtime, now: datetime) -> str:
     for row in rows:
         event = row["payload"]
         status, _ = await handle_event(
-            runtime.sessions, runtime.gateway, event, json.dumps(event), runtime.clock.now()
+            runtime.sessions,
+            runtime.gateway,
+            event,
+            json.dumps(event),
+            runtime.clock.now(),
+            subscriptions.grace_period(runtime),
         )
         handled += status < 300
     return f"handled {handled} of {len(rows)}"
@@ -147,6 +152,8 @@ DUTIES: dict[str, Duty] = {
         Duty("auto_top_up.due", timedelta(minutes=1), autotopup.due),
         Duty("purchases.abandoned", timedelta(minutes=15), remove_abandoned_purchases),
         Duty("usage.days", timedelta(days=1), record_usage_days),
+        Duty("subscriptions.grace", timedelta(minutes=5), subscriptions.end_grace),
+        Duty("subscriptions.remind", timedelta(hours=1), subscriptions.send_reminders),
     )
 }
 

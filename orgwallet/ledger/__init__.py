@@ -342,8 +342,11 @@ async def grant_subscription_period(
     made, the excess expired oldest lot first (EXPIRATION entries), in the same call. ``cap``
     None: everything rolls over. Under ``expire`` the carried remainder is cut to 0 (lots left
     by an earlier rollover plan). The new grant itself is never cut, so the allowance after a
-    renewal is at most ``cap + tokens``. A mid-period upgrade grants the difference with its own
-    key and ``period_start`` at the upgrade: the current period's lots are not "earlier"."""
+    renewal is at most ``cap + tokens``. A grant that comes after a later period's (webhooks
+    arrive in any order) is capped at that later period's start instead, itself counted, so the
+    lots end as they would have in order (migration 0015). A mid-period upgrade grants the
+    difference with its own key and ``period_start`` at the upgrade: the current period's lots
+    are not "earlier"."""
     if not _whole(tokens, 1):
         raise InvalidInput(f"tokens must be a whole number between 1 and {MAX_TOKENS}", field="tokens")
     if period_start.tzinfo is None or period_end.tzinfo is None:

@@ -358,7 +358,7 @@ class StripeGateway:
                 params, {"idempotency_key": idempotency_key}
             )
         except stripe.CardError as error:
-            raise _declined(error) from error
+            raise declined(error) from error
 
     @_remote
     async def retrieve_payment_intent(self, payment_intent_id: str) -> stripe.PaymentIntent:
@@ -477,6 +477,85 @@ class StripeGateway:
     async def retrieve_price(self, price_id: str) -> stripe.Price:
         return await self._client.v1.prices.retrieve_async(price_id)
 
+    # -- subscriptions -------------------------------------------------------------------------
+
+    @_remote
+    async def create_subscription_checkout(
+        self,
+        *,
+        customer_id: str,
+        price_id: str,
+        client_reference_id: str,
+        metadata: Mapping[str, str],
+        success_url: str,
+        cancel_url: str,
+        idempotency_key: str,
+    ) -> CheckoutLink:
+        """A hosted Checkout page (mode subscription) for one recurring price. ``metadata`` is put
+        on the session and on the subscription it makes (so every invoice carries it too)."""
+        session = await self._client.v1.checkout.sessions.create_async(
+            {
+                "mode": "subscription",
+                "customer": customer_id,
+                "client_reference_id": client_reference_id,
+                "line_items": [{"price": price_id, "quantity": 1}],
+                "metadata": dict(metadata),
+                "subscription_data": {"metadata": dict(metadata)},
+                "success_url": success_url,
+                "cancel_url": cancel_url,
+            },
+            {"idempotency_key": idempotency_key},
+        )
+        return _link(session)
+
+    @_remote
+    async def retrieve_subscription(self, subscription_id: str) -> stripe.Subscription:
+        return await self._client.v1.subscriptions.retrieve_async(subscription_id)
+
+    @_remote
+    async def change_subscription_price(
+        self, subscription_id: str, *, item_id: str, price_id: str, now: bool, idempotency_key: str
+    ) -> stripe.Subscription:
+        """The subscription's item moved to ``price_id``. ``now``: the change is prorated and
+        charged at once, and Stripe refuses it (a ``CardError``, nothing changed) when the charge
+        fails. Otherwise nothing is billed now and the next renewal bills the new price."""
+        params: stripe.params.SubscriptionUpdateParams = {
+            "items": [{"id": item_id, "price": price_id}],
+            "proration_behavior": "always_invoice" if now else "none",
+        }
+        if now:
+            params["payment_behavior"] = "error_if_incomplete"
+        return await self._client.v1.subscriptions.update_async(
+            subscription_id, params, {"idempotency_key": idempotency_key}
+        )
+
+    @_remote
+    async def pause_subscription_collection(
+        self, subscription_id: str, *, paused: bool, idempotency_key: str
+    ) -> stripe.Subscription:
+        """Paused: each renewal's invoice is voided (nothing is charged, nothing granted)."""
+        params: stripe.params.SubscriptionUpdateParams = {
+            "pause_collection": {"behavior": "void"} if paused else "",
+        }
+        return await self._client.v1.subscriptions.update_async(
+            subscription_id, params, {"idempotency_key": idempotency_key}
+        )
+
+    @_remote
+    async def cancel_subscription_at_period_end(
+        self, subscription_id: str, *, cancel: bool, idempotency_key: str
+    ) -> stripe.Subscription:
+        return await self._client.v1.subscriptions.update_async(
+            subscription_id, {"cancel_at_period_end": cancel}, {"idempotency_key": idempotency_key}
+        )
+
+    @_remote
+    async def cancel_subscription(self, subscription_id: str, *, idempotency_key: str) -> stripe.Subscription:
+        """Canceled now, without a prorated credit: the period was paid and its tokens granted."""
+        return await self._client.v1.subscriptions.cancel_async(
+            subscription_id, {}, {"idempotency_key": idempotency_key}
+        )
+
     # -- events --------------------------------------------------------------------------------
 
     def construct_event(self, payload: bytes, sig_header: str | None) -> stripe.Event:
@@ -528,7 +607,7 @@ def _link(session: stripe.checkout.Session) -> CheckoutLink:
     return CheckoutLink(session_id=session.id, url=session.url)
 
 
-def _declined(error: stripe.CardError) -> PaymentDeclined:
+def declined(error: stripe.CardError) -> PaymentDeclined:
     details = error.error
     intent = details.payment_intent if details else None
     return PaymentDeclined(

@@ -34,7 +34,7 @@ from orgwallet.schema.live import Subscription
 from orgwallet.schema.notifications import BalanceAlert, Notification
 from orgwallet.schema.purchases import Purchase, TokenPackage
 from orgwallet.schema.scalars import SCALAR_MAP
-from orgwallet.schema.subscriptions import SubscriptionPlan
+from orgwallet.schema.subscriptions import SubscriptionInvoice, SubscriptionPlan, TokenSubscription
 from orgwallet.schema.types import ApiKey
 from orgwallet.schema.wallets import CreditGrant, LedgerEntry, Reservation, Wallet
 
@@ -104,6 +104,8 @@ def build_schema(
             BalanceAlert,
             AuditEvent,
             SubscriptionPlan,
+            TokenSubscription,
+            SubscriptionInvoice,
         ],
         config=StrawberryConfig(scalar_map=SCALAR_MAP),
         execution_context_class=ExecutionContext,

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from orgwallet.schema.autotopup import AutoTopUpPolicy
     from orgwallet.schema.notifications import BalanceAlert, NotificationConnection
     from orgwallet.schema.purchases import PurchaseConnection, PurchaseStatus
+    from orgwallet.schema.subscriptions import TokenSubscription
     from orgwallet.schema.wallets import Wallet
 
 
@@ -203,6 +204,18 @@ class Organization(relay.Node):
         async with info.context.reading() as session:
             rows = await alert_service.list_alerts(session, info.context.principal, self.pk)
         return [BalanceAlert.of(row) for row in rows]
+
+    @strawberry.field(description="The subscription that is not CANCELED, if any.")
+    async def subscription(
+        self, info: Info
+    ) -> Annotated[TokenSubscription, strawberry.lazy("orgwallet.schema.subscriptions")] | None:
+        from orgwallet.schema.subscriptions import TokenSubscription
+        from orgwallet.services import subscriptions as subscription_service
+
+        await info.context.authorize(self.pk, Permission.TOKENS_VIEW)
+        async with info.context.reading() as session:
+            row = await subscription_service.current(session, self.pk)
+        return None if row is None else TokenSubscription.of(row)
 
     @strawberry.field(description="API keys of the organization (never their secrets).")
     async def api_keys(self, info: Info) -> list[ApiKey]:

@@ -21,12 +21,13 @@ from __future__ import annotations
 import math
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
 from orgwallet.errors import InvalidInput, NotFound
 from orgwallet.ledger import EntryKind
+from orgwallet.services import subscriptions
 from orgwallet.services.pricing import MAX_AMOUNT_MINOR
 
 WEEK = 7
@@ -440,6 +441,7 @@ class Usage:
     inflows: list[Inflow]
     packages: list[int]
     tiers: list[tuple[int, int]]
+    unlimited: bool = False  # an unlimited plan covers consumption: nothing runs out
 
     @property
     def today(self) -> date:
@@ -509,13 +511,12 @@ def check_days(days: int) -> int:
 
 async def upcoming_subscription_grants(
     connection: Any, organization_id: uuid.UUID, now: datetime
-) -> list[Inflow]:
-    """The next grant of the organization's subscription, when it falls within the horizon.
-
-    Hook for issue #12: subscriptions are not built yet, so no plan grants anything and this
-    returns nothing. There, it returns ``Inflow(at=next renewal, tokens=the plan's grant,
-    what="subscription grant")``, and an unlimited plan makes the forecast report no depletion."""
-    return []
+) -> tuple[list[Inflow], bool]:
+    """The renewals of the organization's subscription within the horizon, each an inflow of
+    the plan's tokens, and whether an unlimited plan covers consumption (then nothing runs
+    out)."""
+    outlook = await subscriptions.outlook(connection, organization_id, now, timedelta(days=HORIZON_DAYS))
+    return [Inflow(at, tokens, "subscription grant") for at, tokens in outlook.grants], outlook.unlimited
 
 
 async def read_usage(
@@ -553,7 +554,8 @@ async def read_usage(
         first_day = today
     policy_threshold = row["top_up_threshold"]
     inflows = [Inflow(now, row["in_flight"], "top-up in flight")] if row["in_flight"] else []
-    inflows += await upcoming_subscription_grants(connection, row["organization_id"], now)
+    grants, unlimited = await upcoming_subscription_grants(connection, row["organization_id"], now)
+    inflows += grants
     return Usage(
         now=now,
         consumed=consumed,
@@ -562,6 +564,7 @@ async def read_usage(
         balance=row["balance"],
         threshold=policy_threshold if policy_threshold is not None else row["alert_threshold"],
         inflows=inflows,
+        unlimited=unlimited,
         packages=list(row["packages"] or []),
         tiers=list(zip(row["tier_tokens"] or [], row["tier_prices"] or [], strict=True)),
     )
@@ -581,6 +584,17 @@ def forecast_of(usage: Usage, *, custom: tuple[int, int]) -> tuple[Forecast, int
         inflows=usage.inflows,
         now=usage.now,
     )
+    if usage.unlimited:
+        result = replace(
+            result,
+            threshold_crossing_at=None,
+            depletion_at=None,
+            depletion_earliest=None,
+            depletion_latest=None,
+            days_left=None,
+            tokens_needed=None,
+            explanation="consumption is covered by the organization's unlimited plan: nothing runs out",
+        )
     needed = result.tokens_needed
     suggestion = None
     if needed is not None:

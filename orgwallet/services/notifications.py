@@ -46,6 +46,11 @@ class NotificationKind(enum.StrEnum):
     SPEND_CAP_REACHED = "spend_cap_reached"
     PAYMENT_ACTION_REQUIRED = "payment_action_required"
     PURCHASE_DISPUTE_WON = "purchase_dispute_won"  # a won dispute gave the tokens back
+    SUBSCRIPTION_STARTED = "subscription_started"  # its first invoice paid
+    SUBSCRIPTION_RENEWED = "subscription_renewed"  # a renewal paid, the period's tokens granted
+    SUBSCRIPTION_PAYMENT_FAILED = "subscription_payment_failed"  # an attempt failed: past due
+    SUBSCRIPTION_RENEWAL_UPCOMING = "subscription_renewal_upcoming"  # days before a renewal
+    SUBSCRIPTION_CANCELED = "subscription_canceled"
 
 
 #: Who gets a notification by e-mail: those who can act on billing.

@@ -14,11 +14,12 @@ subscriptions already on it keep paying it until they change plan. Archiving a p
 
 from __future__ import annotations
 
+import calendar
 import enum
 import logging
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import stripe
@@ -68,6 +69,19 @@ class PricedPlan:
 
     plan: SubscriptionPlan
     price_minor: int
+
+
+def next_period_end(at: datetime, interval: str, count: int) -> datetime:
+    """``at`` moved one period on (for forecasts): a month or year later keeps the day of the
+    month, or takes the month's last day when it has none (as Stripe's billing cycle does; the
+    real renewals come from Stripe)."""
+    if interval == PlanInterval.DAY:
+        return at + timedelta(days=count)
+    if interval == PlanInterval.WEEK:
+        return at + timedelta(weeks=count)
+    index = at.month - 1 + count * (12 if interval == PlanInterval.YEAR else 1)
+    year, month = at.year + index // 12, index % 12 + 1
+    return at.replace(year=year, month=month, day=min(at.day, calendar.monthrange(year, month)[1]))
 
 
 def organization_plan_price(plan: SubscriptionPlan, organization_id: uuid.UUID | None) -> int:

@@ -102,7 +102,7 @@ def provider_failure(error: stripe.StripeError) -> str:
     """What a failed call to Stripe tells the buyer. After a lost connection or a server error
     Stripe may have charged all the same: then its webhook credits the purchase as usual."""
     detail = error.user_message or type(error).__name__
-    if _indeterminate(error):
+    if indeterminate(error):
         return (
             f"the payment provider could not be reached or failed ({detail}); if the payment went "
             "through after all, the tokens are added when the provider confirms it"
@@ -110,7 +110,7 @@ def provider_failure(error: stripe.StripeError) -> str:
     return f"the payment provider refused the request ({detail})"
 
 
-def _indeterminate(error: stripe.StripeError) -> bool:
+def indeterminate(error: stripe.StripeError) -> bool:
     """Whether Stripe may have done what it was asked (the answer was lost, or it failed)."""
     return isinstance(error, stripe.APIConnectionError | stripe.APIError | stripe.RateLimitError)
 
@@ -184,7 +184,7 @@ class _Priced:
 # ---------------------------------------------------------------- starting a purchase
 
 
-def _url(value: str, field: str) -> str:
+def return_url(value: str, field: str) -> str:
     cleaned = (value or "").strip()
     parts = urlsplit(cleaned)
     if len(cleaned) > MAX_URL_LENGTH or parts.scheme not in ("http", "https") or not parts.netloc:
@@ -292,7 +292,7 @@ def _purchase_snapshot(purchase: Purchase) -> dict[str, Any]:
     }
 
 
-async def _customer(
+async def stripe_customer(
     sessions: async_sessionmaker[AsyncSession],
     gateway: StripeGateway,
     organization_id: uuid.UUID,
@@ -340,7 +340,7 @@ async def _customer(
         return row.customer_id
 
 
-def _missing_customer(error: stripe.InvalidRequestError) -> bool:
+def missing_customer(error: stripe.InvalidRequestError) -> bool:
     return error.code == "resource_missing" and error.param == "customer"
 
 
@@ -380,8 +380,8 @@ async def start_checkout(
     async with transaction(sessions) as session:
         await access.authorize(session, principal, organization_id, Permission.TOKENS_PURCHASE)
         key = None if idempotency_key is None else validation.idempotency_key(idempotency_key)
-        success = _url(success_url, "successUrl")
-        cancel = _url(cancel_url, "cancelUrl")
+        success = return_url(success_url, "successUrl")
+        cancel = return_url(cancel_url, "cancelUrl")
         purchase = None if key is None else await _by_key(session, organization_id, key)
         replayed = purchase is not None
         if purchase is None:
@@ -409,7 +409,7 @@ async def start_checkout(
         # a lost answer or a server error Stripe may have made the session: the purchase waits
         # for the same key (the same Stripe idempotency key gives the same session), and the
         # ``purchases.abandoned`` duty removes it if nobody comes back.
-        maybe_made = not isinstance(error, stripe.StripeError) or _indeterminate(error)
+        maybe_made = not isinstance(error, stripe.StripeError) or indeterminate(error)
         if key is None or not maybe_made:
             async with transaction(sessions) as session:
                 await session.execute(delete(Purchase).where(col(Purchase.id) == purchase.id))
@@ -451,7 +451,7 @@ async def _payment_checkout(
     """The purchase's Checkout Session, made in Stripe (no transaction open) under keys derived
     from the purchase."""
     organization_id = purchase.organization_id
-    customer_id = await _customer(sessions, gateway, organization_id)
+    customer_id = await stripe_customer(sessions, gateway, organization_id)
     arguments: dict[str, Any] = {
         "purchase_id": str(purchase.id),
         "amount_minor": purchase.amount_minor,
@@ -471,9 +471,9 @@ async def _payment_checkout(
             customer_id=customer_id, idempotency_key=f"purchase-{purchase.id}-checkout", **arguments
         )
     except stripe.InvalidRequestError as error:
-        if not _missing_customer(error):
+        if not missing_customer(error):
             raise
-        customer_id = await _customer(sessions, gateway, organization_id, replace=customer_id)
+        customer_id = await stripe_customer(sessions, gateway, organization_id, replace=customer_id)
         return await gateway.create_payment_checkout(
             customer_id=customer_id, idempotency_key=f"purchase-{purchase.id}-checkout-2", **arguments
         )
@@ -750,7 +750,7 @@ async def _setup_checkout(
     success: str,
     cancel: str,
 ) -> tuple[str, CheckoutLink]:
-    customer_id = await _customer(sessions, gateway, organization_id)
+    customer_id = await stripe_customer(sessions, gateway, organization_id)
     metadata = {"organization_id": str(organization_id)}
     attempt = uuid.uuid4()
     try:
@@ -762,9 +762,9 @@ async def _setup_checkout(
             metadata=metadata,
         )
     except stripe.InvalidRequestError as error:
-        if not _missing_customer(error):
+        if not missing_customer(error):
             raise
-        customer_id = await _customer(sessions, gateway, organization_id, replace=customer_id)
+        customer_id = await stripe_customer(sessions, gateway, organization_id, replace=customer_id)
         link = await gateway.create_setup_checkout(
             customer_id=customer_id,
             success_url=success,
@@ -789,8 +789,8 @@ async def setup_payment_method(
     transactions: the authorization, and the audit row."""
     async with transaction(sessions) as session:
         await access.authorize(session, principal, organization_id, Permission.TOKENS_PURCHASE)
-    success = _url(success_url, "successUrl")
-    cancel = _url(cancel_url, "cancelUrl")
+    success = return_url(success_url, "successUrl")
+    cancel = return_url(cancel_url, "cancelUrl")
     with _provider_call():
         customer_id, link = await _setup_checkout(sessions, gateway, organization_id, success, cancel)
     async with transaction(sessions) as session:

@@ -118,6 +118,20 @@ def idempotency_key(value: str | None, field: str = "idempotencyKey") -> str:
     return value
 
 
+#: Ledger keys the system writes (a purchase's credit, a subscription invoice's grant): a
+#: client's key may not start so, or it could take the key first and block that credit.
+RESERVED_LEDGER_KEY_PREFIXES = ("purchase:", "subscription-invoice:")
+
+
+def ledger_key(value: str | None, field: str = "idempotencyKey") -> str:
+    """An idempotency key a client gives a ledger operation."""
+    key = idempotency_key(value, field)
+    if key.startswith(RESERVED_LEDGER_KEY_PREFIXES):
+        reserved = " or ".join(repr(p) for p in RESERVED_LEDGER_KEY_PREFIXES)
+        raise InvalidInput(f"{field} may not start with {reserved}: those keys are the system's", field=field)
+    return key
+
+
 def global_id(value: object, type_name: str, field: str) -> uuid.UUID:
     """Decodes a Relay global id of the given type; an id of another type is not found."""
     try:

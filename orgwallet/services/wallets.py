@@ -79,7 +79,7 @@ async def consume_tokens(
         session,
         wallet_id,
         amount=validation.token_amount(amount),
-        key=validation.idempotency_key(key),
+        key=validation.ledger_key(key),
         actor=principal.actor,
         reason=_reason(reason),
         metadata=validation.metadata(metadata, metadata_limits),
@@ -104,7 +104,7 @@ async def consume_tokens_batched(
     return await batcher.consume_for_organization(
         granted.organization_id,
         amount=validation.token_amount(amount),
-        key=validation.idempotency_key(key),
+        key=validation.ledger_key(key),
         actor=actor,
         reason=_reason(reason),
         metadata=validation.metadata(metadata, metadata_limits),
@@ -123,7 +123,7 @@ async def reserve_tokens(
 ) -> ledger.Posting:
     await access.authorize(session, principal, organization_id, Permission.TOKENS_CONSUME)
     tokens = validation.token_amount(amount)
-    key = validation.idempotency_key(key)
+    key = validation.ledger_key(key)
     if not 1 <= ttl_seconds <= MAX_TTL_SECONDS:
         raise InvalidInput(f"ttlSeconds must be between 1 and {MAX_TTL_SECONDS}", field="ttlSeconds")
     wallet_id = await wallet_id_of(session, organization_id)
@@ -173,7 +173,7 @@ async def capture_reservation(
 ) -> ledger.Posting:
     await _authorize_on(session, principal, "reservations", reservation_id, "reservation")
     tokens = None if amount is None else validation.token_amount(amount)
-    key = None if key is None else validation.idempotency_key(key)
+    key = None if key is None else validation.ledger_key(key)
     return await ledger.capture(session, reservation_id, amount=tokens, key=key, actor=principal.actor)
 
 
@@ -195,7 +195,7 @@ async def refund_consumption(
 ) -> ledger.Posting:
     await _authorize_on(session, principal, "ledger_entries", entry_id, "ledger entry")
     tokens = None if amount is None else validation.token_amount(amount)
-    key = None if key is None else validation.idempotency_key(key)
+    key = None if key is None else validation.ledger_key(key)
     return await ledger.refund(
         session, entry_id, amount=tokens, key=key, reason=_reason(reason), actor=principal.actor
     )
@@ -221,7 +221,7 @@ async def grant_tokens(
         raise InvalidInput("expiresAt must be in the future", field="expiresAt")
     if priority is not None and not 0 <= priority <= 1000:
         raise InvalidInput("priority must be between 0 and 1000", field="priority")
-    key = None if key is None else validation.idempotency_key(key)
+    key = None if key is None else validation.ledger_key(key)
     wallet_id = await wallet_id_of(session, organization_id)
     posting = await ledger.credit(
         session,
@@ -264,6 +264,15 @@ async def set_wallet_status(
     wallet_id = await wallet_id_of(session, organization_id)
     before = await session.scalar(select(col(Wallet.status)).where(col(Wallet.id) == wallet_id))
     state = await ledger.set_status(session, wallet_id, status.value)
+    # Staff take the wallet's status over: a suspension by an unpaid subscription is theirs now,
+    # and a later payment of that subscription does not undo it.
+    await session.execute(
+        text(
+            "UPDATE subscriptions SET wallet_suspended_at = NULL "
+            "WHERE organization_id = :org AND wallet_suspended_at IS NOT NULL"
+        ),
+        {"org": organization_id},
+    )
     if before != status.value:
         suspended = status == WalletStatus.SUSPENDED
         await notifications.notify(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import stripe
@@ -22,13 +22,14 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from orgwallet.db.models import Purchase, PurchaseMethod
 from orgwallet.payments.gateway import StripeGateway
-from orgwallet.services import purchases
+from orgwallet.services import purchases, subscriptions
 from orgwallet.services.purchases import Payment
 
 log = logging.getLogger(__name__)
 
 JsonObject = dict[str, Any]
 UNKNOWN_PURCHASE = "unknown_purchase"
+DEFAULT_GRACE = timedelta(days=7)  # Settings.subscription_grace_days
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +38,8 @@ class Fetched:
 
     charge: stripe.Charge | None = None  # the payment's (latest) or the disputed charge
     saved_card: str | None = None  # the card a setup saved, made the customer's default in Stripe
+    subscription: JsonObject | None = None  # the event's subscription as Stripe has it now
+    sync_seq: int = 0  # taken before ``subscription`` was read
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +57,7 @@ class EventContext:
     event_type: str
     fetched: Fetched
     now: datetime  # the runtime's clock (back-off of automatic top-ups is counted from it)
+    grace: timedelta = DEFAULT_GRACE  # a past-due subscription's grace period
 
 
 Handler = Callable[[EventContext, JsonObject], Awaitable[str]]
@@ -148,9 +152,11 @@ async def _credit_session(ctx: EventContext, checkout: JsonObject) -> str:
 
 async def prefetch_checkout_session_completed(ctx: PrefetchContext, checkout: JsonObject) -> Fetched:
     """Payment mode: the payment's charge. Setup mode: the card the session's SetupIntent saved,
-    made the customer's default in Stripe."""
+    made the customer's default in Stripe. Subscription mode: the subscription it made."""
     if checkout.get("mode") == "payment":
         return await _prefetch_session_payment(ctx, checkout)
+    if checkout.get("mode") == "subscription":
+        return await _read_subscription(ctx, _id_of(checkout.get("subscription")))
     if checkout.get("mode") != "setup":
         return Fetched()
     setup_intent_id = _id_of(checkout.get("setup_intent"))
@@ -169,7 +175,10 @@ async def prefetch_checkout_session_completed(ctx: PrefetchContext, checkout: Js
 
 async def checkout_session_completed(ctx: EventContext, checkout: JsonObject) -> str:
     """Payment mode: paid -> credit; unpaid (a bank debit) -> wait for the async outcome.
-    Setup mode: the saved card becomes the default payment method."""
+    Setup mode: the saved card becomes the default payment method. Subscription mode: the
+    subscription as Stripe has it (its tokens come with its invoice)."""
+    if checkout.get("mode") == "subscription":
+        return await _sync_subscription(ctx)
     if checkout.get("mode") == "setup":
         customer_id = _id_of(checkout.get("customer"))
         if customer_id is None or ctx.fetched.saved_card is None:
@@ -200,6 +209,8 @@ async def checkout_session_async_payment_failed(ctx: EventContext, checkout: Jso
 
 
 async def checkout_session_expired(ctx: EventContext, checkout: JsonObject) -> str:
+    if checkout.get("mode") == "subscription":
+        return await subscriptions.checkout_expired(ctx.session, checkout, ctx.now)
     if checkout.get("mode") != "payment":
         return "ignored"
     purchase = await _session_purchase(ctx, checkout)
@@ -340,6 +351,86 @@ async def setup_intent_succeeded(ctx: EventContext, setup_intent: JsonObject) ->
     )
 
 
+# -- subscriptions: every event reads the subscription from Stripe and applies that ---------------
+
+
+async def _read_subscription(
+    ctx: PrefetchContext, subscription_id: str | None, fallback: JsonObject | None = None
+) -> Fetched:
+    """The subscription as Stripe has it now, and the number taken before asking. One Stripe
+    no longer knows (deleted, or a reset test mode) is taken as the event carries it."""
+    if subscription_id is None:
+        return Fetched()
+    seq = await subscriptions.next_seq(ctx.sessions)
+    try:
+        found = subscriptions.as_json(await ctx.gateway.retrieve_subscription(subscription_id))
+    except stripe.InvalidRequestError:
+        if fallback is None:
+            raise
+        found = fallback
+    return Fetched(subscription=found, sync_seq=seq)
+
+
+async def _sync_subscription(ctx: EventContext) -> str:
+    if ctx.fetched.subscription is None:
+        return "ignored"
+    return await subscriptions.apply_subscription(
+        ctx.session, ctx.fetched.subscription, seq=ctx.fetched.sync_seq, now=ctx.now, grace=ctx.grace
+    )
+
+
+async def prefetch_subscription_event(ctx: PrefetchContext, subscription: JsonObject) -> Fetched:
+    return await _read_subscription(ctx, _str(subscription.get("id")), subscription)
+
+
+async def customer_subscription_changed(ctx: EventContext, subscription: JsonObject) -> str:
+    """``customer.subscription.*``: whatever changed, ours becomes Stripe's object as it is now."""
+    return await _sync_subscription(ctx)
+
+
+async def prefetch_invoice_event(ctx: PrefetchContext, invoice: JsonObject) -> Fetched:
+    return await _read_subscription(ctx, subscriptions.invoice_subscription_id(invoice))
+
+
+async def invoice_paid(ctx: EventContext, invoice: JsonObject) -> str:
+    """The subscription as it stands, then the invoice's tokens, once per invoice."""
+    synced = await _sync_subscription(ctx)
+    if synced == "unknown_subscription":
+        return synced
+    return await subscriptions.invoice_paid(ctx.session, invoice, ctx.now, ctx.grace)
+
+
+async def invoice_payment_failed(ctx: EventContext, invoice: JsonObject) -> str:
+    """The subscription (now past due, with its grace period), then the organization told."""
+    synced = await _sync_subscription(ctx)
+    if synced == "unknown_subscription":
+        return synced
+    return await subscriptions.invoice_payment_failed(ctx.session, invoice, ctx.now)
+
+
+async def invoice_changed(ctx: EventContext, invoice: JsonObject) -> str:
+    """Other invoice events: the invoice (and its subscription) as they now stand."""
+    synced = await _sync_subscription(ctx)
+    if synced == "unknown_subscription":
+        return synced
+    return await subscriptions.record_invoice(ctx.session, invoice)
+
+
+SUBSCRIPTION_EVENTS = (
+    "customer.subscription.created",
+    "customer.subscription.updated",
+    "customer.subscription.deleted",
+    "customer.subscription.paused",
+    "customer.subscription.resumed",
+)
+INVOICE_EVENTS = (
+    "invoice.created",
+    "invoice.finalized",
+    "invoice.updated",
+    "invoice.voided",
+    "invoice.marked_uncollectible",
+)
+
 HANDLERS: dict[str, Handler] = {
     "checkout.session.completed": checkout_session_completed,
     "checkout.session.async_payment_succeeded": checkout_session_async_payment_succeeded,
@@ -352,6 +443,10 @@ HANDLERS: dict[str, Handler] = {
     "charge.dispute.closed": charge_dispute_closed,
     "charge.dispute.funds_reinstated": charge_dispute_funds_reinstated,
     "setup_intent.succeeded": setup_intent_succeeded,
+    "invoice.paid": invoice_paid,
+    "invoice.payment_failed": invoice_payment_failed,
+    **dict.fromkeys(SUBSCRIPTION_EVENTS, customer_subscription_changed),
+    **dict.fromkeys(INVOICE_EVENTS, invoice_changed),
 }
 
 #: What a type's handler needs from Stripe, asked before the event's transaction.
@@ -362,4 +457,8 @@ PREFETCH: dict[str, Prefetch] = {
     "charge.dispute.created": prefetch_charge_dispute_created,
     "charge.dispute.closed": prefetch_charge_dispute_closed,
     "setup_intent.succeeded": prefetch_setup_intent_succeeded,
+    "invoice.paid": prefetch_invoice_event,
+    "invoice.payment_failed": prefetch_invoice_event,
+    **dict.fromkeys(SUBSCRIPTION_EVENTS, prefetch_subscription_event),
+    **dict.fromkeys(INVOICE_EVENTS, prefetch_invoice_event),
 }

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import text
@@ -40,7 +40,14 @@ from orgwallet import metrics
 from orgwallet.db.engine import DriverPool, driver_connection, transaction
 from orgwallet.payments.gateway import InvalidStripeWebhook, StripeGateway
 from orgwallet.services.audit import request_id_var
-from orgwallet.webhooks.handlers import HANDLERS, PREFETCH, EventContext, Fetched, PrefetchContext
+from orgwallet.webhooks.handlers import (
+    DEFAULT_GRACE,
+    HANDLERS,
+    PREFETCH,
+    EventContext,
+    Fetched,
+    PrefetchContext,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,13 +107,15 @@ async def handle_event(
     event: dict[str, Any],
     payload: str,
     now: datetime | None = None,
+    grace: timedelta = DEFAULT_GRACE,
 ) -> tuple[int, str]:
     """Stores and handles one verified event: (HTTP status, outcome). ``now``: the runtime's
-    clock (the machine's when not given). The event's id is the request id of what it writes
-    (audit rows) and logs: the same whether Stripe delivered it or a retry handles it again."""
+    clock (the machine's when not given); ``grace``: a past-due subscription's grace period.
+    The event's id is the request id of what it writes (audit rows) and logs: the same
+    whether Stripe delivered it or a retry handles it again."""
     request_id = request_id_var.set(str(event["id"]))
     try:
-        status, outcome = await _handle_event(sessions, gateway, event, payload, now)
+        status, outcome = await _handle_event(sessions, gateway, event, payload, now, grace)
     finally:
         request_id_var.reset(request_id)
     metrics.stripe_event(_type_label(event), outcome)
@@ -119,6 +128,7 @@ async def _handle_event(
     event: dict[str, Any],
     payload: str,
     now: datetime | None,
+    grace: timedelta,
 ) -> tuple[int, str]:
     try:
         obj = _object(event)
@@ -134,7 +144,8 @@ async def _handle_event(
             outcome = "ignored"
             if handler is not None and obj is not None:
                 at = now or datetime.now(UTC)
-                outcome = await handler(EventContext(session, event["id"], event["type"], fetched, at), obj)
+                context = EventContext(session, event["id"], event["type"], fetched, at, grace)
+                outcome = await handler(context, obj)
             await (await driver_connection(session)).execute(_HANDLED, event["id"], outcome)
         return 200, outcome
     except Exception as error:
@@ -153,9 +164,10 @@ def stripe_webhook_route(
     sessions: async_sessionmaker[AsyncSession],
     gateway: StripeGateway,
     clock: Callable[[], datetime],
+    grace: timedelta = DEFAULT_GRACE,
 ) -> Route:
-    """``clock``: the runtime's time, read per event (tests move it)."""
-    """The route, plain Starlette: it needs none of FastAPI's parameter machinery."""
+    """The route, plain Starlette: it needs none of FastAPI's parameter machinery. ``clock``:
+    the runtime's time, read per event (tests move it); ``grace``: the subscriptions' grace."""
 
     async def stripe_webhook(request: Request) -> Response:
         body = await request.body()
@@ -172,7 +184,7 @@ def stripe_webhook_route(
         if handled:
             metrics.stripe_event(_type_label(event), "duplicate")
             return JSONResponse({"received": True, "outcome": "duplicate"})
-        status, outcome = await handle_event(sessions, gateway, event, body.decode(), clock())
+        status, outcome = await handle_event(sessions, gateway, event, body.decode(), clock(), grace)
         return JSONResponse({"received": status < 300, "outcome": outcome}, status_code=status)
 
     return Route("/webhooks/stripe", stripe_webhook, methods=["POST"], include_in_schema=False)

@@ -222,6 +222,29 @@ class TestPeriodGrants:
         assert (done.cut, done.posting.wallet.balance) == (150, 100)
         await sound(sessions, wallet)
 
+    async def test_a_renewal_granted_after_the_next_one_is_capped_as_in_order(
+        self, sessions: Sessions, wallet: uuid.UUID
+    ) -> None:
+        """Webhooks in any order: period 2's invoice.paid handled before period 1's. The lots end as
+        in order (cap 150 at period 2's start: period 0's 100 and period 1's 100 carry 150), and
+        period 1's own grant is counted in that cut, oldest period first."""
+        await grant(sessions, wallet, 100, 0, "rollover", 150)
+        late_first = await grant(sessions, wallet, 100, 2, "rollover", 150)  # carried: 100, no cut
+        assert late_first.cut == 0
+        late = await grant(sessions, wallet, 100, 1, "rollover", 150)
+        assert (late.cut, late.posting.wallet.balance, late.posting.wallet.lifetime_expired) == (50, 250, 50)
+        by_period = await rows(
+            sessions,
+            "SELECT period_start, amount, remaining FROM credit_lots WHERE wallet_id = :w"
+            " ORDER BY period_start",
+            wallet,
+        )
+        assert by_period == [(period(0)[0], 100, 50), (period(1)[0], 100, 100), (period(2)[0], 100, 100)]
+        # Replayed, nothing more is cut.
+        again = await grant(sessions, wallet, 100, 1, "rollover", 150)
+        assert again.posting.replayed and again.posting.wallet.balance == 250
+        await sound(sessions, wallet)
+
     async def test_an_upgrade_mid_period_grants_the_difference_once(
         self, sessions: Sessions, wallet: uuid.UUID
     ) -> None:
