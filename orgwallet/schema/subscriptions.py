@@ -185,8 +185,8 @@ class TokenSubscription(relay.Node):
     canceled_at: datetime | None
     paused_at: datetime | None
     grace_ends_at: datetime | None = strawberry.field(
-        description="While PAST_DUE: the subscription is canceled and the wallet suspended when this "
-        "passes unpaid."
+        description="While PAST_DUE (and after it ended unpaid): the subscription is canceled and the "
+        "wallet suspended when this passes unpaid."
     )
     created_at: datetime
     _organization_id: strawberry.Private[uuid.UUID]

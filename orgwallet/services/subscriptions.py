@@ -580,8 +580,10 @@ async def apply_subscription(
     row.paused_at = (row.paused_at or now) if status == SubscriptionStatus.PAUSED else None
     if status == SubscriptionStatus.PAST_DUE:
         row.grace_ends_at = row.grace_ends_at or now + grace
-    else:
+    elif not (status == SubscriptionStatus.CANCELED and row.grace_expired_at is None):
         row.grace_ends_at = None
+    # else: ended while unpaid (Stripe's retries ran out first, or it was canceled): its grace
+    # still runs, and suspends the wallet at its end unless the invoice is paid.
     after = _snapshot(row)
     if after == before:
         await session.flush()
@@ -822,6 +824,9 @@ async def invoice_paid(session: AsyncSession, invoice: JsonObject, now: datetime
     stored = await _upsert_invoice(session, row, invoice)
     grant = await _grant_of(session, row, invoice)
     wallet_id = await wallets.wallet_id_of(session, row.organization_id)
+    if row.status == SubscriptionStatus.CANCELED.value and row.grace_ends_at is not None:
+        row.grace_ends_at = None  # ended unpaid, now paid: its grace no longer runs
+        await session.flush()
     if grant is None:
         await _reactivate(session, row, wallet_id, now)
         return "paid"
@@ -1046,13 +1051,17 @@ def grace_period(runtime: Runtime) -> timedelta:
 async def end_grace(runtime: Runtime, now: datetime) -> str:
     """Past-due subscriptions past their grace: canceled through Stripe (no transaction open;
     one idempotency key per subscription, so workers running this at once send one
-    cancellation), then the wallet suspended, once (the row's ``grace_expired_at``)."""
+    cancellation), then the wallet suspended, once (the row's ``grace_expired_at``). One that
+    ended unpaid before its grace did (Stripe gave up first, or it was canceled) only has the
+    wallet suspended."""
     async with runtime.sessions() as session:
         due = list(
             (
                 await session.execute(
                     select(col(Subscription.id), col(Subscription.stripe_subscription_id)).where(
-                        col(Subscription.status) == SubscriptionStatus.PAST_DUE.value,
+                        col(Subscription.status).in_(
+                            (SubscriptionStatus.PAST_DUE.value, SubscriptionStatus.CANCELED.value)
+                        ),
                         col(Subscription.grace_expired_at).is_(None),
                         col(Subscription.grace_ends_at) <= now,
                     )
@@ -1093,6 +1102,8 @@ async def _grace_expired(
         return 0
     await apply_subscription(session, obj, seq=seq, now=now, grace=grace, actor=GRACE_ACTOR)
     await session.refresh(row)
+    if row.grace_ends_at is None:
+        return 0  # paid meanwhile
     if row.status != SubscriptionStatus.CANCELED.value:
         return 0  # paid meanwhile: Stripe's subscription is live again
     row.grace_expired_at = now

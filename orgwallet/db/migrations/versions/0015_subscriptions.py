@@ -160,7 +160,8 @@ CREATE TABLE subscriptions (
   created_at                 timestamptz NOT NULL DEFAULT now(),
   updated_at                 timestamptz NOT NULL DEFAULT now(),
   CONSTRAINT subscriptions_period CHECK (current_period_end > current_period_start),
-  CONSTRAINT subscriptions_grace_when_past_due CHECK (grace_ends_at IS NULL OR status = 'past_due'),
+  -- A grace runs while PAST_DUE, and goes on after the subscription ends unpaid.
+  CONSTRAINT subscriptions_grace_when_unpaid CHECK (grace_ends_at IS NULL OR status IN ('past_due', 'canceled')),
   CONSTRAINT subscriptions_scheduled_differs CHECK (scheduled_plan_id <> plan_id)
 );
 CREATE UNIQUE INDEX subscriptions_one_live ON subscriptions (organization_id) WHERE status <> 'canceled';
