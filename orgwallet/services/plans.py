@@ -35,7 +35,7 @@ from orgwallet.db.engine import transaction
 from orgwallet.db.models import SubscriptionPlan
 from orgwallet.errors import Conflict, InvalidInput, NotFound
 from orgwallet.payments.gateway import StripeGateway
-from orgwallet.services import access, audit, pricing, validation
+from orgwallet.services import access, audit, validation
 from orgwallet.services.purchases import PaymentProviderError
 
 log = logging.getLogger(__name__)
@@ -262,14 +262,14 @@ async def create_plan(
     tokens = _tokens_per_period(tokens_per_period, unlimited)
     policy = _rollover(rollover)
     values: dict[str, Any] = {
-        "code": pricing._code(code),
+        "code": validation.catalogue_code(code),
         "name": validation.text(name, "name"),
         "tokens_per_period": tokens,
         "unlimited": unlimited,
         "interval": period.value,
         "interval_count": _interval_count(interval_count, period),
-        "price_minor": pricing._money(price_minor, "priceMinor"),
-        "currency": pricing._currency(currency),
+        "price_minor": validation.amount_minor(price_minor, "priceMinor"),
+        "currency": validation.currency_code(currency),
         "rollover": policy.value,
         "rollover_cap": _rollover_cap(rollover_cap, policy, unlimited, tokens),
         "sort": _sort(sort),
@@ -391,7 +391,7 @@ async def update_plan(
     until they change plan. Stripe failing is ``PaymentProviderError`` and nothing changes."""
     access.require_platform_admin(principal)
     new_name = None if name is None else validation.text(name, "name")
-    new_price = None if price_minor is None else pricing._money(price_minor, "priceMinor")
+    new_price = None if price_minor is None else validation.amount_minor(price_minor, "priceMinor")
     new_sort = None if sort is None else _sort(sort)
     async with transaction(sessions) as session:
         plan = await session.get(SubscriptionPlan, plan_id, populate_existing=True)

@@ -10,7 +10,6 @@ unit price, less the organization's discount on everything.
 
 from __future__ import annotations
 
-import re
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -29,10 +28,9 @@ from orgwallet.db.models import Organization, OrganizationPrice, PriceTier, Toke
 from orgwallet.errors import Conflict, InvalidInput, NotFound
 from orgwallet.services import access, audit, validation
 
-#: Stripe's largest charge, in minor units.
-MAX_AMOUNT_MINOR = 99_999_999
+MAX_AMOUNT_MINOR = validation.MAX_AMOUNT_MINOR  # Stripe's largest charge, in minor units
 MAX_TIERS = 20
-CODE_PATTERN = "lowercase letters, digits, '-' or '_' (1 to 63, starting with a letter or digit)"
+CODE_PATTERN = validation.CODE_PATTERN
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,31 +222,10 @@ async def quote(
 
 async def list_tiers(session: AsyncSession, principal: Principal, currency: str) -> list[PriceTier]:
     access.require_authenticated(principal)
-    return await tiers_of(session, _currency(currency))
+    return await tiers_of(session, validation.currency_code(currency))
 
 
 # ---------------------------------------------------------------- management (platform admins)
-
-
-def _money(value: object, field: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_AMOUNT_MINOR:
-        raise InvalidInput(
-            f"{field} must be a whole number of minor units from 1 to {MAX_AMOUNT_MINOR}", field=field
-        )
-    return value
-
-
-def _currency(value: str | None) -> str:
-    code = (value or "").strip().upper()
-    if len(code) != 3 or not code.isascii() or not code.isalpha():
-        raise InvalidInput("currency must be a three-letter ISO code", field="currency")
-    return code
-
-
-def _code(value: str) -> str:
-    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,62}", value or ""):
-        raise InvalidInput(f"code must be {CODE_PATTERN}", field="code")
-    return value
 
 
 def _badge(value: str | None) -> str | None:
@@ -285,11 +262,11 @@ async def create_package(
     access.require_platform_admin(principal)
     values = {
         "id": uuid7(),
-        "code": _code(code),
+        "code": validation.catalogue_code(code),
         "name": validation.text(name, "name"),
         "tokens": validation.token_amount(tokens, "tokens"),
-        "price_minor": _money(price_minor, "priceMinor"),
-        "currency": _currency(currency),
+        "price_minor": validation.amount_minor(price_minor, "priceMinor"),
+        "currency": validation.currency_code(currency),
         "badge": _badge(badge),
         "sort": sort,
         "active": active,
@@ -346,7 +323,7 @@ async def update_package(
     if tokens is not None:
         package.tokens = validation.token_amount(tokens, "tokens")
     if price_minor is not None:
-        package.price_minor = _money(price_minor, "priceMinor")
+        package.price_minor = validation.amount_minor(price_minor, "priceMinor")
     if badge is not None:
         package.badge = _badge(badge)
     if sort is not None:
@@ -386,11 +363,11 @@ async def set_tiers(
     """Replaces the currency's tiers with ``(min_tokens, unit_price_minor)`` pairs. The lowest
     must start at or below the smallest custom amount, so every amount has a price."""
     access.require_platform_admin(principal)
-    code = _currency(currency)
+    code = validation.currency_code(currency)
     if not 1 <= len(tiers) <= MAX_TIERS:
         raise InvalidInput(f"give 1 to {MAX_TIERS} tiers", field="tiers")
     parsed = sorted(
-        (validation.token_amount(minimum, "minTokens"), _money(unit, "unitPriceMinor"))
+        (validation.token_amount(minimum, "minTokens"), validation.amount_minor(unit, "unitPriceMinor"))
         for minimum, unit in tiers
     )
     if len({minimum for minimum, _ in parsed}) != len(parsed):
@@ -459,7 +436,7 @@ async def set_organization_price(
     access.require_platform_admin(principal)
     if (price_minor is None) == (discount_percent is None):
         raise InvalidInput("give exactly one of priceMinor and discountPercent", field="priceMinor")
-    price = None if price_minor is None else _money(price_minor, "priceMinor")
+    price = None if price_minor is None else validation.amount_minor(price_minor, "priceMinor")
     percent: int | None = None
     if discount_percent is not None:
         if (

@@ -118,6 +118,34 @@ def idempotency_key(value: str | None, field: str = "idempotencyKey") -> str:
     return value
 
 
+#: Stripe's largest charge, in minor units.
+MAX_AMOUNT_MINOR = 99_999_999
+CODE_PATTERN = "lowercase letters, digits, '-' or '_' (1 to 63, starting with a letter or digit)"
+
+
+def amount_minor(value: object, field: str) -> int:
+    """A price in minor units (cents) that Stripe can charge."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_AMOUNT_MINOR:
+        raise InvalidInput(
+            f"{field} must be a whole number of minor units from 1 to {MAX_AMOUNT_MINOR}", field=field
+        )
+    return value
+
+
+def currency_code(value: str | None) -> str:
+    code = (value or "").strip().upper()
+    if len(code) != 3 or not code.isascii() or not code.isalpha():
+        raise InvalidInput("currency must be a three-letter ISO code", field="currency")
+    return code
+
+
+def catalogue_code(value: str) -> str:
+    """The stable code of a package or a plan."""
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,62}", value or ""):
+        raise InvalidInput(f"code must be {CODE_PATTERN}", field="code")
+    return value
+
+
 #: Ledger keys the system writes (a purchase's credit, a subscription invoice's grant): a
 #: client's key may not start so, or it could take the key first and block that credit.
 RESERVED_LEDGER_KEY_PREFIXES = ("purchase:", "subscription-invoice:")
