@@ -310,7 +310,10 @@ async def subscribe(
             async with transaction(sessions) as session:
                 session.add(row)
         except IntegrityError:  # a concurrent subscribe made one first
-            raise _exists() from None
+            row = await _same_key_made(sessions, organization_id, key, plan.id)
+            if row.checkout_url is not None:
+                return SubscribeStarted(row, row.checkout_url)
+            # Finished here too: the same Stripe idempotency key gives the same session.
 
     metadata = {
         "subscription_id": str(row.id),
@@ -334,7 +337,8 @@ async def subscribe(
         locked = await session.get(Subscription, row.id, with_for_update=True, populate_existing=True)
         if locked is None:
             raise NotFound("subscription not found")
-        if locked.checkout_url is None:
+        started_over = locked.status != SubscriptionStatus.INCOMPLETE.value
+        if not started_over and locked.checkout_url is None:
             locked.checkout_session_id = link.session_id
             locked.checkout_url = link.url
             locked.updated_at = _now()
@@ -348,8 +352,33 @@ async def subscribe(
                 target_id=locked.id,
                 after=_snapshot(locked) | {"plan": plan.code, "checkout_session_id": link.session_id},
             )
-        assert locked.checkout_url is not None
-        return SubscribeStarted(locked, locked.checkout_url)
+        url = locked.checkout_url
+    if started_over or url is None:
+        # Another subscribe started over meanwhile and canceled this one before its page was
+        # recorded: the page just made must not be payable.
+        await _expire_quietly(gateway, link.session_id)
+        raise _exists()
+    return SubscribeStarted(locked, url)
+
+
+async def _same_key_made(
+    sessions: async_sessionmaker[AsyncSession],
+    organization_id: uuid.UUID,
+    key: str | None,
+    plan_id: uuid.UUID,
+) -> Subscription:
+    """The subscription a concurrent request with the same key made; without a key (or another
+    one), the organization's subscription exists."""
+    if key is not None:
+        async with transaction(sessions) as session:
+            keyed = await _by_key(session, organization_id, key)
+        if (
+            keyed is not None
+            and keyed.plan_id == plan_id
+            and keyed.status == SubscriptionStatus.INCOMPLETE.value
+        ):
+            return keyed
+    raise _exists()
 
 
 async def _checkout(
@@ -387,30 +416,43 @@ async def _checkout(
 async def _abandon_checkout(
     sessions: async_sessionmaker[AsyncSession], gateway: StripeGateway, row: Subscription
 ) -> None:
-    """An INCOMPLETE subscription whose Checkout nobody paid: its session is expired in Stripe
-    (so it can no longer be paid), then the row is CANCELED. A session paid meanwhile is a
-    subscription: ``Conflict(SUBSCRIPTION_EXISTS)``."""
-    if row.checkout_session_id is not None:
-        try:
-            await gateway.expire_checkout_session(row.checkout_session_id)
-        except stripe.InvalidRequestError:
-            checkout = await gateway.retrieve_checkout_session(row.checkout_session_id)
-            if checkout.status != "expired":
-                raise _exists() from None
-        except stripe.StripeError as error:
-            raise PaymentProviderError(purchases.provider_failure(error)) from error
+    """An INCOMPLETE subscription whose Checkout nobody paid: the row is CANCELED first (so a
+    request still making its page sees that, and expires the page itself), then the page it has
+    is expired in Stripe, so it can no longer be paid. A page paid meanwhile is a subscription:
+    ``Conflict(SUBSCRIPTION_EXISTS)`` (its webhook brings the row back to life)."""
     async with transaction(sessions) as session:
-        done = await session.execute(
-            update(Subscription)
-            .where(
-                col(Subscription.id) == row.id,
-                col(Subscription.status) == SubscriptionStatus.INCOMPLETE.value,
-                col(Subscription.stripe_subscription_id).is_(None),
+        canceled = (
+            await session.execute(
+                update(Subscription)
+                .where(
+                    col(Subscription.id) == row.id,
+                    col(Subscription.status) == SubscriptionStatus.INCOMPLETE.value,
+                    col(Subscription.stripe_subscription_id).is_(None),
+                )
+                .values(status=SubscriptionStatus.CANCELED.value, canceled_at=_now(), updated_at=_now())
+                .returning(col(Subscription.checkout_session_id))
             )
-            .values(status=SubscriptionStatus.CANCELED.value, canceled_at=_now(), updated_at=_now())
-        )
-        if done.rowcount != 1:  # type: ignore[attr-defined]
-            raise _exists()
+        ).all()
+    if len(canceled) != 1:
+        raise _exists()
+    session_id = canceled[0][0]
+    if session_id is None:
+        return
+    try:
+        await gateway.expire_checkout_session(session_id)
+    except stripe.InvalidRequestError:
+        checkout = await gateway.retrieve_checkout_session(session_id)
+        if checkout.status != "expired":
+            raise _exists() from None
+    except stripe.StripeError as error:
+        raise PaymentProviderError(purchases.provider_failure(error)) from error
+
+
+async def _expire_quietly(gateway: StripeGateway, session_id: str) -> None:
+    try:
+        await gateway.expire_checkout_session(session_id)
+    except stripe.StripeError:
+        log.warning("could not expire the Checkout Session %s of a subscription started over", session_id)
 
 
 async def checkout_expired(session: AsyncSession, checkout: JsonObject, now: datetime) -> str:
