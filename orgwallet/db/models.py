@@ -364,6 +364,7 @@ class Subscription(SQLModel, table=True):
     grace_expired_at: datetime | None = _ts(nullable=True)
     wallet_suspended_at: datetime | None = _ts(nullable=True)
     reminded_period_end: datetime | None = _ts(nullable=True)
+    changing_until: datetime | None = _ts(nullable=True)
     sync_seq: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
     created_at: datetime = _ts()
     updated_at: datetime = _ts()

@@ -84,6 +84,17 @@ def next_period_end(at: datetime, interval: str, count: int) -> datetime:
     return at.replace(year=year, month=month, day=min(at.day, calendar.monthrange(year, month)[1]))
 
 
+def previous_period_start(end: datetime, interval: str, count: int) -> datetime:
+    """``end`` moved one period back (the inverse of ``next_period_end`` for days up to 28)."""
+    if interval == PlanInterval.DAY:
+        return end - timedelta(days=count)
+    if interval == PlanInterval.WEEK:
+        return end - timedelta(weeks=count)
+    index = end.month - 1 - count * (12 if interval == PlanInterval.YEAR else 1)
+    year, month = end.year + index // 12, index % 12 + 1
+    return end.replace(year=year, month=month, day=min(end.day, calendar.monthrange(year, month)[1]))
+
+
 def organization_plan_price(plan: SubscriptionPlan, organization_id: uuid.UUID | None) -> int:
     """What ``organization_id`` pays for ``plan``. The hook for per-organization plan prices:
     none exist yet, so every organization pays the list price."""

@@ -34,7 +34,8 @@ from __future__ import annotations
 import base64
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from fractions import Fraction
@@ -547,11 +548,11 @@ async def _find(session: AsyncSession, stripe_id: str | None, metadata: object) 
     return row
 
 
-def _is_upgrade(new: SubscriptionPlan, old: SubscriptionPlan, organization_id: uuid.UUID) -> bool:
-    """A change to a plan that costs more per period takes effect now; any other at renewal."""
-    return plans.organization_plan_price(new, organization_id) > plans.organization_plan_price(
-        old, organization_id
-    )
+def _costs_more(new_amount: int | None, paid_amount: int | None) -> bool:
+    """A change to what costs more per period than the subscription pays now is an upgrade
+    (it takes effect now); any other waits for the renewal. What it pays, not the plans' list
+    prices: a plan repriced since keeps its subscribers on the old price."""
+    return new_amount is not None and paid_amount is not None and new_amount > paid_amount
 
 
 async def apply_subscription(
@@ -590,6 +591,7 @@ async def apply_subscription(
     row.stripe_subscription_id = stripe_id
     row.status = status.value
     item = _item(obj)
+    paid_amount = row.renewal_amount_minor
     if item is not None:
         row.stripe_item_id = _str(item.get("id"))
         raw_price = item.get("price")
@@ -607,7 +609,7 @@ async def apply_subscription(
             log.warning("Stripe subscription %s is on a price of no plan here", stripe_id)
         elif item_plan.id == row.plan_id:
             row.scheduled_plan_id = None
-        elif row.plan_since is None or _is_upgrade(item_plan, old_plan, row.organization_id):
+        elif row.plan_since is None or _costs_more(row.renewal_amount_minor, paid_amount):
             row.plan_id, row.scheduled_plan_id = item_plan.id, None
             if row.plan_since is not None:
                 row.plan_since = now
@@ -766,23 +768,19 @@ async def _grant_of(session: AsyncSession, row: Subscription, invoice: JsonObjec
     if reason != "subscription_update":
         return None
     # An upgrade: the proration lines credit the old price's unused time and charge the new
-    # one's; the tokens follow the same fractions of the period.
-    if row.current_period_start is None or row.current_period_end is None:
-        return None
-    whole = Fraction(int((row.current_period_end - row.current_period_start).total_seconds()))
+    # one's; the tokens follow the same fractions of the period the change fell in.
     total = Fraction(0)
     charged: tuple[SubscriptionPlan, tuple[datetime, datetime]] | None = None
     for line in lines:
         period = _line_period(line)
         plan = await plan_of_product(session, _line_product(line))
         amount = line.get("amount")
-        if (
-            not _proration(line)
-            or period is None
-            or plan is None
-            or not isinstance(amount, int)
-            or whole <= 0
-        ):
+        if not _proration(line) or period is None or plan is None or not isinstance(amount, int):
+            continue
+        whole = Fraction(
+            int((period[1] - await _period_start(session, row, period[1], plan)).total_seconds())
+        )
+        if whole <= 0:
             continue
         share = Fraction(int((period[1] - period[0]).total_seconds())) / whole
         sign = -1 if amount < 0 else 1
@@ -792,6 +790,28 @@ async def _grant_of(session: AsyncSession, row: Subscription, invoice: JsonObjec
     if charged is None:
         return None
     return _Grant(max(0, half_up(total)), charged[0], charged[1], False)
+
+
+async def _period_start(
+    session: AsyncSession, row: Subscription, end: datetime, plan: SubscriptionPlan
+) -> datetime:
+    """The start of the subscription's period that ends at ``end``: the current one's, or the
+    one a paid period's invoice recorded (an upgrade's invoice handled after the renewal), or
+    one interval back."""
+    if row.current_period_end == end and row.current_period_start is not None:
+        return row.current_period_start
+    recorded = await session.scalar(
+        select(col(SubscriptionInvoice.period_start))
+        .where(
+            col(SubscriptionInvoice.subscription_id) == row.id,
+            col(SubscriptionInvoice.period_end) == end,
+            col(SubscriptionInvoice.billing_reason).in_(("subscription_create", "subscription_cycle")),
+        )
+        .limit(1)
+    )
+    if recorded is not None:
+        return recorded
+    return plans.previous_period_start(end, plan.interval, plan.interval_count)
 
 
 async def _upsert_invoice(
@@ -1238,9 +1258,17 @@ class Asked:
     grace: timedelta
 
 
-async def _for_change(asked: Asked, subscription_id: uuid.UUID) -> Subscription:
-    """The subscription, for a holder of tokens.configure in its organization; another
-    organization's is not found."""
+#: How long a member's change holds its subscription (it holds no database lock while Stripe
+#: answers); a process that died holding it lets go after this long.
+CHANGE_LEASE = timedelta(minutes=5)
+
+
+@asynccontextmanager
+async def _changing(asked: Asked, subscription_id: uuid.UUID) -> AsyncIterator[Subscription]:
+    """The subscription, for a holder of tokens.configure in its organization (another
+    organization's is not found), held for one change at a time: a second change while one is
+    with Stripe is ``Conflict(SUBSCRIPTION_CHANGING)``. Two changes decided on the same state
+    (two upgrades from one plan) would each be billed as if the other had not happened."""
     async with transaction(asked.sessions) as session:
         row = await session.get(Subscription, subscription_id, populate_existing=True)
         if row is None:
@@ -1249,7 +1277,29 @@ async def _for_change(asked: Asked, subscription_id: uuid.UUID) -> Subscription:
             await access.authorize(session, asked.principal, row.organization_id, Permission.TOKENS_CONFIGURE)
         except NotFound as error:
             raise NotFound("subscription not found") from error
-    return row
+        held = (
+            await session.execute(
+                text(
+                    "UPDATE subscriptions SET changing_until = now() + :lease WHERE id = :id"
+                    " AND (changing_until IS NULL OR changing_until < now()) RETURNING id"
+                ),
+                {"id": subscription_id, "lease": CHANGE_LEASE},
+            )
+        ).first()
+        if held is None:
+            raise Conflict(
+                "another change of this subscription is in progress: try again in a moment",
+                code="SUBSCRIPTION_CHANGING",
+            )
+        row = await session.get(Subscription, subscription_id, populate_existing=True)
+        assert row is not None
+    try:
+        yield row
+    finally:
+        async with transaction(asked.sessions) as session:
+            await session.execute(
+                text("UPDATE subscriptions SET changing_until = NULL WHERE id = :id"), {"id": subscription_id}
+            )
 
 
 def _not_live(row: Subscription) -> Conflict:
@@ -1301,10 +1351,14 @@ async def _stripe(call: Any) -> JsonObject:
 
 
 async def change_plan(asked: Asked, subscription_id: uuid.UUID, plan_id: uuid.UUID) -> Subscription:
-    """An upgrade (a plan costing more per period) now, charged by proration (a declined card
-    is ``PaymentDeclined`` and changes nothing); a downgrade at the next renewal. Back to the
-    current plan cancels a scheduled downgrade."""
-    row = await _for_change(asked, subscription_id)
+    """An upgrade (a plan costing more per period than the subscription pays) now, charged by
+    proration (a declined card is ``PaymentDeclined`` and changes nothing); a downgrade at the
+    next renewal. Back to the current plan cancels a scheduled downgrade."""
+    async with _changing(asked, subscription_id) as row:
+        return await _change_plan(asked, row, plan_id)
+
+
+async def _change_plan(asked: Asked, row: Subscription, plan_id: uuid.UUID) -> Subscription:
     if row.status not in LIVE or row.stripe_subscription_id is None or row.stripe_item_id is None:
         raise _not_live(row)
     async with transaction(asked.sessions) as session:
@@ -1333,7 +1387,10 @@ async def change_plan(asked: Asked, subscription_id: uuid.UUID, plan_id: uuid.UU
     elif target.id == row.plan_id:
         raise InvalidInput("the subscription is on this plan already", field="planId")
     else:
-        upgrade = _is_upgrade(target, current_plan, row.organization_id)
+        paying = row.renewal_amount_minor
+        if paying is None:
+            paying = plans.organization_plan_price(current_plan, row.organization_id)
+        upgrade = _costs_more(plans.organization_plan_price(target, row.organization_id), paying)
     assert target.stripe_price_id is not None
     seq = await next_seq(asked.sessions)
     obj = await _stripe(
@@ -1357,7 +1414,11 @@ async def change_plan(asked: Asked, subscription_id: uuid.UUID, plan_id: uuid.UU
 
 async def pause(asked: Asked, subscription_id: uuid.UUID) -> Subscription:
     """Collection paused: renewals are voided (nothing charged, nothing granted) until resumed."""
-    row = await _for_change(asked, subscription_id)
+    async with _changing(asked, subscription_id) as row:
+        return await _pause(asked, row)
+
+
+async def _pause(asked: Asked, row: Subscription) -> Subscription:
     if row.status == SubscriptionStatus.PAUSED.value:
         raise Conflict("the subscription is paused already", code="SUBSCRIPTION_PAUSED")
     if row.status not in LIVE or row.stripe_subscription_id is None:
@@ -1373,7 +1434,11 @@ async def pause(asked: Asked, subscription_id: uuid.UUID) -> Subscription:
 
 async def resume(asked: Asked, subscription_id: uuid.UUID) -> Subscription:
     """A paused subscription collects again; one canceling at the period's end goes on."""
-    row = await _for_change(asked, subscription_id)
+    async with _changing(asked, subscription_id) as row:
+        return await _resume(asked, row)
+
+
+async def _resume(asked: Asked, row: Subscription) -> Subscription:
     if row.stripe_subscription_id is None or row.status in (
         SubscriptionStatus.CANCELED.value,
         SubscriptionStatus.INCOMPLETE.value,
@@ -1407,7 +1472,11 @@ async def resume(asked: Asked, subscription_id: uuid.UUID) -> Subscription:
 async def cancel(asked: Asked, subscription_id: uuid.UUID, *, at_period_end: bool) -> Subscription:
     """At the period's end (the default: the period was paid for) or now. Tokens already
     granted stay, until their lots expire. A Checkout never paid is simply abandoned."""
-    row = await _for_change(asked, subscription_id)
+    async with _changing(asked, subscription_id) as row:
+        return await _cancel(asked, row, at_period_end)
+
+
+async def _cancel(asked: Asked, row: Subscription, at_period_end: bool) -> Subscription:
     if row.status == SubscriptionStatus.CANCELED.value:
         raise _not_live(row)
     if row.stripe_subscription_id is None:

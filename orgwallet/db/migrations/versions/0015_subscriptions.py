@@ -156,6 +156,7 @@ CREATE TABLE subscriptions (
   grace_expired_at           timestamptz,
   wallet_suspended_at        timestamptz,
   reminded_period_end        timestamptz,
+  changing_until             timestamptz,  -- a member's change is with Stripe (one at a time)
   sync_seq                   bigint NOT NULL DEFAULT 0,
   created_at                 timestamptz NOT NULL DEFAULT now(),
   updated_at                 timestamptz NOT NULL DEFAULT now(),
