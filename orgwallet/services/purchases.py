@@ -68,6 +68,8 @@ PAID_STATES = frozenset(
     {PurchaseStatus.PAID, PurchaseStatus.REFUNDED, PurchaseStatus.PARTIALLY_REFUNDED, PurchaseStatus.DISPUTED}
 )
 CLOSED_DISPUTE_STATES = frozenset({"won", "lost", "warning_closed"})
+#: Closed with the money the merchant's: the dispute's tokens are given back.
+MERCHANT_KEPT_STATES = frozenset({"won", "warning_closed"})
 
 
 class PaymentMethodRequired(OrgWalletError):
@@ -1453,12 +1455,13 @@ async def close_dispute(
     charge: stripe.Charge | None,
     now: datetime | None = None,
 ) -> str:
-    """``charge.dispute.closed`` (and ``funds_reinstated``): records the outcome. Won: what the
+    """``charge.dispute.closed`` (and ``funds_reinstated``): records the outcome. Won, or an
+    inquiry closed without a chargeback (``warning_closed``: the bank kept no money): what the
     dispute took back is given back (``_win_dispute``). Lost: the tokens stay taken back; a
     lost dispute seen before its opening is applied (``charge`` as for ``apply_dispute``)."""
     dispute_id = str(dispute.get("id"))
     status = str(dispute.get("status") or "")
-    if status == "won":
+    if status in MERCHANT_KEPT_STATES:
         return await _win_dispute(session, purchase, dispute, event_id, now)
     if purchase.dispute_id != dispute_id:
         await apply_dispute(session, purchase, dispute, event_id, charge)

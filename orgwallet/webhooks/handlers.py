@@ -307,7 +307,7 @@ async def charge_dispute_created(ctx: EventContext, dispute: JsonObject) -> str:
 async def prefetch_charge_dispute_closed(ctx: PrefetchContext, dispute: JsonObject) -> Fetched:
     """A won dispute reads nothing (it gives back only what its opening took); a lost one seen
     first is applied as if just opened."""
-    if dispute.get("status") == "won":
+    if dispute.get("status") in purchases.MERCHANT_KEPT_STATES:
         return Fetched()
     return await prefetch_charge_dispute_created(ctx, dispute)
 

@@ -219,3 +219,28 @@ async def test_lost_stays_taken_back(shop: Shop) -> None:
 async def test_a_purchase_never_disputed_has_no_dispute(shop: Shop) -> None:
     purchase, _ = await paid(shop)
     assert (await disputed(shop, purchase))["dispute"] is None
+
+
+async def test_an_inquiry_closed_without_a_chargeback_gives_the_tokens_back(shop: Shop) -> None:
+    """Stripe's inquiry (``warning_needs_response``) withdraws no money; the tokens are held while
+    the bank asks, and come back when it closes without a chargeback (``warning_closed``)."""
+    purchase, intent = await paid(shop)
+    before = await shop.balance()
+    dispute = await shop.simulator.open_dispute({"payment_intent": intent, "inquiry": "true"})
+    assert dispute["status"] == "warning_needs_response"
+    await shop.drain()
+    assert await shop.simulator.events("charge.dispute.funds_withdrawn") == []
+    assert await shop.balance() == before - 50
+    assert (await disputed(shop, purchase))["status"] == "DISPUTED"
+
+    closed = await shop.simulator.close_dispute(dispute["id"], won=True)
+    assert closed["status"] == "warning_closed"
+    await shop.drain()
+    await send(shop, "charge.dispute.closed", times=3)  # duplicates give back nothing more
+    assert await shop.balance() == before
+    found = await disputed(shop, purchase)
+    assert (found["status"], found["tokensClawedBack"]) == ("PAID", 0)
+    assert (found["dispute"]["status"], found["dispute"]["tokensReturned"]) == ("WON", 50)
+    assert await purchase_entries(shop) == [("purchase", 50), ("clawback", -50), ("adjustment", 50)]
+    assert len(await told(shop, "PURCHASE_DISPUTE_WON")) == 1
+    assert await shop.violations() == {}

@@ -602,8 +602,12 @@ async def _body(request: Request) -> dict[str, Any]:
 
 
 def _form_params(body: dict[str, Any], *names: str) -> JsonObject:
-    """JSON values as the string parameters the core reads."""
-    return {name: str(body[name]) for name in names if body.get(name) is not None}
+    """JSON values as the string parameters the core reads (booleans as Stripe's ``true``)."""
+    return {
+        name: str(body[name]).lower() if isinstance(body[name], bool) else str(body[name])
+        for name in names
+        if body.get(name) is not None
+    }
 
 
 async def _control(request: Request, operation: Callable[[dict[str, Any]], Any]) -> Response:
@@ -664,10 +668,12 @@ def _add_test_routes(app: FastAPI, simulator: Simulator) -> None:
 
     @app.post("/test/disputes")
     async def open_dispute(request: Request) -> Response:
-        """``{"payment_intent" | "charge": id, "amount"?: minor units, "reason"?}``."""
+        """``{"payment_intent" | "charge": id, "amount"?: minor units, "reason"?, "inquiry"?: true}``."""
         return await _control(
             request,
-            lambda body: sim.open_dispute(_form_params(body, "payment_intent", "charge", "amount", "reason")),
+            lambda body: sim.open_dispute(
+                _form_params(body, "payment_intent", "charge", "amount", "reason", "inquiry")
+            ),
         )
 
     @app.post("/test/disputes/{dispute_id}/close")

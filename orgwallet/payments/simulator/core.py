@@ -1130,7 +1130,9 @@ class Account(Billing):
 
     def open_dispute(self, params: JsonObject) -> JsonObject:
         """The card holder disputes a paid charge (by ``charge`` or ``payment_intent``;
-        optional ``amount``, default what is not refunded, and ``reason``)."""
+        optional ``amount``, default what is not refunded, and ``reason``). ``inquiry``: the
+        bank only asks (Stripe's inquiry: status ``warning_needs_response``, no funds withdrawn);
+        closed in the merchant's favour it is ``warning_closed``."""
         charge = self._paid_charge(params)
         if charge["disputed"]:
             raise StripeApiError(400, f"Charge {charge['id']} is already disputed.", param="charge")
@@ -1139,6 +1141,7 @@ class Account(Billing):
         amount = remaining if amount is None else amount
         if not 1 <= amount <= remaining:
             raise StripeApiError(400, f"Dispute amount must be between 1 and {remaining}.", param="amount")
+        inquiry = param_bool(params, "inquiry")
         reason = param_str(params, "reason") or "fraudulent"
         if reason not in DISPUTE_REASONS:
             raise StripeApiError(400, f"Invalid reason: {reason}", param="reason")
@@ -1163,12 +1166,13 @@ class Account(Billing):
                 "metadata": {},
                 "payment_intent": charge["payment_intent"],
                 "reason": reason,
-                "status": "needs_response",
+                "status": "warning_needs_response" if inquiry else "needs_response",
             }
         )
         charge["disputed"] = True
         self._emit("charge.dispute.created", dispute)
-        self._emit("charge.dispute.funds_withdrawn", dispute)
+        if not inquiry:
+            self._emit("charge.dispute.funds_withdrawn", dispute)
         return copy.deepcopy(dispute)
 
     def close_dispute(self, dispute_id: str, *, won: bool) -> JsonObject:
@@ -1176,6 +1180,15 @@ class Account(Billing):
         if dispute["status"] not in OPEN_DISPUTE_STATUSES:
             raise StripeApiError(400, f"Dispute {dispute_id} is already closed ({dispute['status']}).")
         previous = {"status": dispute["status"]}
+        if dispute["status"].startswith("warning_"):
+            # An inquiry closes without a chargeback, or becomes one (not modelled).
+            if not won:
+                raise StripeApiError(
+                    400, "An inquiry closes in the merchant's favour (won) in the simulator."
+                )
+            dispute["status"] = "warning_closed"
+            self._emit("charge.dispute.closed", dispute, previous)
+            return copy.deepcopy(dispute)
         dispute["status"] = "won" if won else "lost"
         if won:
             self._emit("charge.dispute.funds_reinstated", dispute)
