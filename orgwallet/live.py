@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine, Iterable, Mapping
 from contextlib import asynccontextmanager, suppress
@@ -48,6 +49,18 @@ RECONNECT_MAX_SECONDS = 10.0
 CHECK_SECONDS = 10.0
 #: Notification ids a subscriber may have waiting; past it, the oldest are dropped (counted).
 NOTIFICATION_BUFFER = 100
+SEEN_IDS = 1000  # per notification subscriber: ids already offered
+#: After a reconnect, notifications made from this long before the last moment the hub was
+#: known to listen are searched (a transaction may insert one well before it commits).
+RECOVERY_MARGIN_SECONDS = 120.0
+
+
+def id_floor(at: float) -> uuid.UUID:
+    """The smallest UUIDv7 of the millisecond ``at`` (seconds since the epoch): ``uuid_v7()``
+    ids made at or after it are not smaller."""
+    return uuid.UUID(int=int(at * 1000) << 80)
+
+
 #: A subscription waits this long at most for the hub to be listening.
 START_TIMEOUT_SECONDS = 10.0
 
@@ -87,6 +100,7 @@ class LiveCounters:
     dropped: int = 0  # notification ids dropped from a full buffer
     connects: int = 0  # listening connections established
     refreshes: int = 0  # states sent again to every wallet subscriber after a reconnect
+    recovered: int = 0  # notifications made while nobody listened, found after a reconnect
 
 
 class _Feed:
@@ -153,8 +167,19 @@ class NotificationFeed(_Feed):
         self.organization_id = organization_id
         self._ids: collections.deque[uuid.UUID] = collections.deque(maxlen=NOTIFICATION_BUFFER)
         self.dropped = 0
+        # Notifications made before the subscription began are not its (ids are time-ordered);
+        # an id is offered once, whether it came by NOTIFY or by the search after a reconnect.
+        self.since = id_floor(time.time())
+        self._seen: collections.deque[uuid.UUID] = collections.deque(maxlen=SEEN_IDS)
+        self._seen_set: set[uuid.UUID] = set()
 
     def offer(self, notification_id: uuid.UUID) -> None:
+        if notification_id < self.since or notification_id in self._seen_set:
+            return
+        if len(self._seen) == self._seen.maxlen:
+            self._seen_set.discard(self._seen[0])
+        self._seen.append(notification_id)
+        self._seen_set.add(notification_id)
         if len(self._ids) == self._ids.maxlen:
             self.dropped += 1
             self._counters.dropped += 1
@@ -193,6 +218,7 @@ class LiveHub:
         self._leased: set[uuid.UUID] = set()  # wallets with this hub's row in live_wallets
         self._lease_lock = asyncio.Lock()  # one change of the rows at a time
         self._listening = asyncio.Event()
+        self._heard_at = time.time()  # the last moment the hub was known to listen
         self._task: asyncio.Task[None] | None = None
         self._chores: set[asyncio.Task[None]] = set()
 
@@ -346,12 +372,15 @@ class LiveHub:
             self.backend_pid = connection.get_server_pid()
             self.counters.connects += 1
             self._listening.set()
+            self._heard_at = time.time()
             while not lost.is_set():
                 with suppress(TimeoutError):
                     async with asyncio.timeout(self._check_seconds):
                         await lost.wait()
                 if not lost.is_set():
+                    checked = time.time()
                     await connection.execute("SELECT 1", timeout=self._check_seconds)
+                    self._heard_at = checked
                     await self._renew()
         finally:
             self._listening.clear()
@@ -359,7 +388,10 @@ class LiveHub:
 
     async def _resume(self) -> None:
         """After a reconnect: what changed while nobody listened was not heard. The watches are
-        renewed (they may have lapsed) and every wallet subscriber gets the current state."""
+        renewed (they may have lapsed), every wallet subscriber gets the current state, and each
+        notification subscriber the notifications made meanwhile (searched from a margin before
+        the hub was last known to listen; each is offered once)."""
+        await self._recover_notifications()
         async with self._lease_lock:
             await self._lease(sorted(self._leased))
         states = await self._states(list(self._wallet_feeds))
@@ -368,6 +400,23 @@ class LiveHub:
                 for feed in feeds:
                     feed.offer(states[wallet_id], again=True)
         self.counters.refreshes += 1
+
+    async def _recover_notifications(self) -> None:
+        organizations = list(self._notification_feeds)
+        if not organizations:
+            return
+        since = id_floor(self._heard_at - RECOVERY_MARGIN_SECONDS)
+        async with self._driver.acquire() as connection:
+            rows = await connection.fetch(
+                "SELECT id, organization_id FROM notifications WHERE organization_id = ANY($1::uuid[])"
+                " AND id >= $2 ORDER BY id",
+                organizations,
+                since,
+            )
+        for row in rows:
+            for feed in self._notification_feeds.get(row["organization_id"], ()):
+                feed.offer(row["id"])
+        self.counters.recovered += len(rows)
 
     def _wallet_changed(self, _connection: object, _pid: int, _channel: str, payload: str) -> None:
         self.counters.notifies += 1

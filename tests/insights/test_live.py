@@ -23,11 +23,13 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from orgwallet import ledger
+from orgwallet import live as live_module
 from orgwallet.auth.tokens import mint_token
 from orgwallet.config import Settings
 from orgwallet.db.engine import transaction
 from orgwallet.live import WALLET_CHANNEL
 from orgwallet.runtime import Runtime
+from orgwallet.services import notifications
 from tests.helpers import (
     REMOVE_MEMBER,
     REVOKE_API_KEY,
@@ -444,6 +446,55 @@ class TestReconnect:
             # And changes flow again.
             await live.consume(10)
             assert balance(await a.data()) == 990
+
+    async def test_a_notification_made_while_nobody_listened_is_sent_after_the_reconnect(
+        self, live: Live, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        hub = live.runtime.live
+        # The hub waits a whole second before it listens again: the notification below is
+        # committed while no connection listens, so its NOTIFY is lost for good.
+        monkeypatch.setattr(live_module, "RECONNECT_FIRST_SECONDS", 1.0)
+        async with subscriber(live, live.bearer("owner")) as sub:
+            await sub.subscribe(NOTIFICATION_ADDED, {"org": live.org})
+            await eventually(lambda: _subscribed(live, 1), what="the subscription")
+            killed = hub.backend_pid
+            connection = await asyncpg.connect(live.runtime.driver.dsn)
+            try:
+                assert await connection.fetchval("SELECT pg_terminate_backend($1)", killed)
+            finally:
+                await connection.close()
+            await eventually(lambda: _not_listening(live), what="the hub to notice")
+            organization_id = uuid.UUID(_node_id(live.org))
+            async with transaction(live.runtime.sessions) as session:
+                await notifications.notify(
+                    session,
+                    organization_id,
+                    notifications.NotificationKind.LOW_BALANCE,
+                    key="made-while-deaf",
+                    title="Low balance",
+                    body="made while nobody listened",
+                    data={"threshold": 1},
+                )
+            assert not hub._listening.is_set()  # committed before the hub listened again
+
+            sent = (await sub.data())["notificationAdded"]
+            assert (sent["kind"], sent["title"]) == ("LOW_BALANCE", "Low balance")
+            assert hub.counters.connects == 2 and hub.counters.recovered >= 1
+            # Once only, and later ones still flow.
+            async with transaction(live.runtime.sessions) as session:
+                await notifications.notify(
+                    session,
+                    organization_id,
+                    notifications.NotificationKind.LOW_BALANCE,
+                    key="made-after",
+                    title="Later",
+                    body="made while listening",
+                )
+            assert (await sub.data())["notificationAdded"]["title"] == "Later"
+
+
+async def _not_listening(live: Live) -> bool:
+    return not live.runtime.live._listening.is_set()
 
 
 class TestHotPath:
