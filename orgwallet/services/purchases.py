@@ -53,6 +53,7 @@ from orgwallet.db.models import (
 )
 from orgwallet.errors import IdempotencyConflict, InvalidInput, NotFound, OrgWalletError
 from orgwallet.money import format_amount
+from orgwallet.payments import fields
 from orgwallet.payments.gateway import CheckoutLink, PaymentDeclined, StripeGateway
 from orgwallet.services import access, audit, autotopup, notifications, pricing, validation, wallets
 from orgwallet.services.notifications import NotificationKind
@@ -891,15 +892,6 @@ async def _lock(session: AsyncSession, purchase_id: uuid.UUID) -> Purchase:
     return row
 
 
-def _uuid(value: object) -> uuid.UUID | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        return uuid.UUID(value)
-    except ValueError:
-        return None
-
-
 async def find_purchase(
     session: AsyncSession,
     *,
@@ -916,7 +908,7 @@ async def find_purchase(
         (col(Purchase.checkout_session_id), checkout_session_id),
         (col(Purchase.payment_intent_id), payment_intent_id),
         (col(Purchase.charge_id), charge_id),
-        (col(Purchase.id), _uuid(purchase_id)),
+        (col(Purchase.id), fields.uuid_in(purchase_id)),
     ]
     for column, value in lookups:
         if value is None:

@@ -39,7 +39,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from fractions import Fraction
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import stripe
 from sqlalchemy import delete, text, update
@@ -58,8 +58,10 @@ from orgwallet.db.models import (
     SubscriptionPlan,
     SubscriptionStatus,
     Wallet,
+    WalletStatus,
 )
 from orgwallet.errors import Conflict, InvalidInput, NotFound
+from orgwallet.payments import fields
 from orgwallet.payments.gateway import CheckoutLink, StripeGateway, declined
 from orgwallet.services import access, audit, notifications, plans, purchases, validation, wallets
 from orgwallet.services.notifications import NotificationKind
@@ -85,27 +87,6 @@ _INVOICE_RANK = {"draft": 0, "open": 1, "uncollectible": 2, "paid": 3, "void": 3
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-def _at(value: object) -> datetime | None:
-    return datetime.fromtimestamp(value, UTC) if isinstance(value, int) and value > 0 else None
-
-
-def _str(value: object) -> str | None:
-    return value if isinstance(value, str) and value else None
-
-
-def _id_of(value: object) -> str | None:
-    if isinstance(value, dict):
-        return _str(value.get("id"))
-    return _str(value)
-
-
-def _uuid(value: object) -> uuid.UUID | None:
-    try:
-        return uuid.UUID(str(value)) if value else None
-    except ValueError:
-        return None
 
 
 def as_json(obj: Any) -> JsonObject:
@@ -459,7 +440,7 @@ async def _expire_quietly(gateway: StripeGateway, session_id: str) -> None:
 async def checkout_expired(session: AsyncSession, checkout: JsonObject, now: datetime) -> str:
     """``checkout.session.expired`` (mode subscription): the INCOMPLETE subscription it was
     for is CANCELED, quietly (nothing was ever billed)."""
-    session_id = _str(checkout.get("id"))
+    session_id = fields.text(checkout.get("id"))
     if session_id is None:
         return "ignored"
     row = (
@@ -515,7 +496,7 @@ def _item(obj: JsonObject) -> JsonObject | None:
 
 
 async def plan_of_product(session: AsyncSession, product: object) -> SubscriptionPlan | None:
-    product_id = _id_of(product)
+    product_id = fields.id_of(product)
     if product_id is None:
         return None
     return (
@@ -539,7 +520,7 @@ async def _find(session: AsyncSession, stripe_id: str | None, metadata: object) 
         ).scalar_one_or_none()
         if row is not None:
             return row
-    ours = _uuid(metadata.get("subscription_id")) if isinstance(metadata, dict) else None
+    ours = fields.uuid_in(metadata.get("subscription_id")) if isinstance(metadata, dict) else None
     if ours is None:
         return None
     row = await session.get(Subscription, ours, with_for_update=True, populate_existing=True)
@@ -568,7 +549,7 @@ async def apply_subscription(
     """Writes Stripe's subscription ``obj`` (read after ``seq`` was taken) onto ours, unless a
     later read was applied already; audits a change (unless ``audited`` is False: the caller
     records it as the member's request); tells the organization when it ends."""
-    stripe_id = _str(obj.get("id"))
+    stripe_id = fields.text(obj.get("id"))
     row = await _find(session, stripe_id, obj.get("metadata"))
     if row is None:
         log.warning("Stripe subscription %s is not one of ours", stripe_id)
@@ -593,15 +574,17 @@ async def apply_subscription(
     item = _item(obj)
     paid_amount = row.renewal_amount_minor
     if item is not None:
-        row.stripe_item_id = _str(item.get("id"))
+        row.stripe_item_id = fields.text(item.get("id"))
         raw_price = item.get("price")
         price: JsonObject = raw_price if isinstance(raw_price, dict) else {}
-        row.stripe_price_id = _id_of(price) or row.stripe_price_id
+        row.stripe_price_id = fields.id_of(price) or row.stripe_price_id
         amount = price.get("unit_amount")
         quantity = _quantity(item)
         row.renewal_amount_minor = amount * quantity if isinstance(amount, int) else row.renewal_amount_minor
-        start = _at(item.get("current_period_start")) or _at(obj.get("current_period_start"))
-        end = _at(item.get("current_period_end")) or _at(obj.get("current_period_end"))
+        start = fields.instant(item.get("current_period_start")) or fields.instant(
+            obj.get("current_period_start")
+        )
+        end = fields.instant(item.get("current_period_end")) or fields.instant(obj.get("current_period_end"))
         if start is not None and end is not None and end > start:
             row.current_period_start, row.current_period_end = start, end
         item_plan = await plan_of_product(session, price.get("product"))
@@ -617,7 +600,7 @@ async def apply_subscription(
             row.scheduled_plan_id = item_plan.id
     row.cancel_at_period_end = bool(obj.get("cancel_at_period_end")) and status != SubscriptionStatus.CANCELED
     row.canceled_at = (
-        _at(obj.get("canceled_at")) or _at(obj.get("ended_at")) or now
+        fields.instant(obj.get("canceled_at")) or fields.instant(obj.get("ended_at")) or now
         if status == SubscriptionStatus.CANCELED or row.cancel_at_period_end
         else None
     )
@@ -694,8 +677,8 @@ def invoice_subscription_id(invoice: JsonObject) -> str | None:
     parent = invoice.get("parent")
     details = parent.get("subscription_details") if isinstance(parent, dict) else None
     if isinstance(details, dict):
-        return _id_of(details.get("subscription"))
-    return _id_of(invoice.get("subscription"))  # API versions before 2025-03
+        return fields.id_of(details.get("subscription"))
+    return fields.id_of(invoice.get("subscription"))  # API versions before 2025-03
 
 
 def _invoice_metadata(invoice: JsonObject) -> JsonObject:
@@ -732,7 +715,7 @@ def _line_period(line: JsonObject) -> tuple[datetime, datetime] | None:
     period = line.get("period")
     if not isinstance(period, dict):
         return None
-    start, end = _at(period.get("start")), _at(period.get("end"))
+    start, end = fields.instant(period.get("start")), fields.instant(period.get("end"))
     return None if start is None or end is None else (start, end)
 
 
@@ -829,18 +812,18 @@ async def _upsert_invoice(
         )
     ).scalar_one_or_none()
     lines = [p for p in (_line_period(line) for line in _lines(invoice)) if p is not None]
-    start = min((p[0] for p in lines), default=None) or _at(invoice.get("period_start")) or _now()
-    end = max((p[1] for p in lines), default=None) or _at(invoice.get("period_end")) or start
+    start = min((p[0] for p in lines), default=None) or fields.instant(invoice.get("period_start")) or _now()
+    end = max((p[1] for p in lines), default=None) or fields.instant(invoice.get("period_end")) or start
     amount = invoice.get("amount_paid") if status == "paid" else invoice.get("amount_due")
     transitions = invoice.get("status_transitions")
-    paid_at = _at(transitions.get("paid_at")) if isinstance(transitions, dict) else None
+    paid_at = fields.instant(transitions.get("paid_at")) if isinstance(transitions, dict) else None
     if found is None:
         found = SubscriptionInvoice(
             id=uuid7(),
             subscription_id=row.id,
             stripe_invoice_id=invoice_id,
             status=status,
-            billing_reason=_str(invoice.get("billing_reason")),
+            billing_reason=fields.text(invoice.get("billing_reason")),
             amount_minor=amount if isinstance(amount, int) and amount >= 0 else 0,
             currency=str(invoice.get("currency") or row.currency).upper(),
             period_start=start,
@@ -852,7 +835,7 @@ async def _upsert_invoice(
     found.status = status
     if isinstance(amount, int) and amount >= 0:
         found.amount_minor = amount
-    found.hosted_invoice_url = _str(invoice.get("hosted_invoice_url")) or found.hosted_invoice_url
+    found.hosted_invoice_url = fields.text(invoice.get("hosted_invoice_url")) or found.hosted_invoice_url
     found.paid_at = paid_at or found.paid_at
     attempts = invoice.get("attempt_count")
     found.attempt_count = max(found.attempt_count, attempts if isinstance(attempts, int) else 0)
@@ -868,7 +851,7 @@ async def _invoice_row(session: AsyncSession, invoice: JsonObject) -> Subscripti
 async def record_invoice(session: AsyncSession, invoice: JsonObject) -> str:
     """Any other invoice event: the invoice as it now stands, for the invoices list."""
     row = await _invoice_row(session, invoice)
-    if row is None or not _str(invoice.get("id")):
+    if row is None or not fields.text(invoice.get("id")):
         return "unknown_subscription"
     await _upsert_invoice(session, row, invoice)
     return "recorded"
@@ -879,7 +862,7 @@ async def invoice_paid(session: AsyncSession, invoice: JsonObject, now: datetime
     the plan in force moved to the one paid for, the wallet reactivated if this subscription's
     unpaid grace suspended it, the organization told."""
     row = await _invoice_row(session, invoice)
-    if row is None or not _str(invoice.get("id")):
+    if row is None or not fields.text(invoice.get("id")):
         return "unknown_subscription"
     if invoice.get("status") != "paid":
         return "ignored"
@@ -984,13 +967,13 @@ async def invoice_payment_failed(session: AsyncSession, invoice: JsonObject, now
     """A failed attempt: the invoice recorded, the organization told (once per attempt). The
     subscription's PAST_DUE and grace come from Stripe's object, applied before."""
     row = await _invoice_row(session, invoice)
-    if row is None or not _str(invoice.get("id")):
+    if row is None or not fields.text(invoice.get("id")):
         return "unknown_subscription"
     stored = await _upsert_invoice(session, row, invoice)
     if stored.status == "paid":
         return "ignored"
     attempt = invoice.get("attempt_count") if isinstance(invoice.get("attempt_count"), int) else 0
-    retry = _at(invoice.get("next_payment_attempt"))
+    retry = fields.instant(invoice.get("next_payment_attempt"))
     created = await notifications.notify(
         session,
         row.organization_id,
@@ -1039,43 +1022,6 @@ async def _wallet_status(session: AsyncSession, wallet_id: uuid.UUID) -> str | N
     return await session.scalar(select(col(Wallet.status)).where(col(Wallet.id) == wallet_id))
 
 
-async def _set_wallet(
-    session: AsyncSession,
-    organization_id: uuid.UUID,
-    wallet_id: uuid.UUID,
-    status: Literal["active", "suspended"],
-    actor: str,
-    reason: str,
-    now: datetime,
-) -> None:
-    await ledger.set_status(session, wallet_id, status, now=now)
-    suspended = status == "suspended"
-    await notifications.notify(
-        session,
-        organization_id,
-        NotificationKind.WALLET_SUSPENDED if suspended else NotificationKind.WALLET_REACTIVATED,
-        key=f"wallet-status:{uuid7()}",
-        title="Wallet suspended" if suspended else "Wallet reactivated",
-        body=(
-            f"The wallet was suspended: consumptions are refused. Reason: {reason}"
-            if suspended
-            else f"The wallet is active again. Reason: {reason}"
-        ),
-        data={"status": status, "reason": reason},
-        now=now,
-    )
-    await audit.record(
-        session,
-        actor,
-        action="wallet.suspend" if suspended else "wallet.reactivate",
-        organization_id=organization_id,
-        target_type="wallet",
-        target_id=wallet_id,
-        before={"status": "active" if suspended else "suspended"},
-        after={"status": status, "reason": reason},
-    )
-
-
 async def _reactivate(session: AsyncSession, row: Subscription, wallet_id: uuid.UUID, now: datetime) -> None:
     """A payment after an unpaid grace period suspended the wallet (this subscription's, or an
     earlier one's: the organization subscribed again): active again, unless platform staff
@@ -1094,16 +1040,15 @@ async def _reactivate(session: AsyncSession, row: Subscription, wallet_id: uuid.
     if not released:
         return
     row.wallet_suspended_at = None
-    if await _wallet_status(session, wallet_id) == "suspended":
-        await _set_wallet(
-            session,
-            row.organization_id,
-            wallet_id,
-            "active",
-            "stripe",
-            "the subscription's invoice was paid",
-            now,
-        )
+    await wallets.change_status(
+        session,
+        "stripe",
+        row.organization_id,
+        wallet_id,
+        WalletStatus.ACTIVE,
+        "the subscription's invoice was paid",
+        now=now,
+    )
 
 
 def grace_period(runtime: Runtime) -> timedelta:
@@ -1184,14 +1129,14 @@ async def _grace_expired(
         after={"status": row.status, "wallet_suspended": suspend},
     )
     if suspend:
-        await _set_wallet(
+        await wallets.change_status(
             session,
+            GRACE_ACTOR,
             row.organization_id,
             wallet_id,
-            "suspended",
-            GRACE_ACTOR,
+            WalletStatus.SUSPENDED,
             "the subscription's renewal was not paid within the grace period",
-            now,
+            now=now,
         )
     return 1
 

@@ -262,8 +262,7 @@ async def set_wallet_status(
     access.require_platform_admin(principal)
     text_reason = validation.text(reason, "reason", max_length=1000)
     wallet_id = await wallet_id_of(session, organization_id)
-    before = await session.scalar(select(col(Wallet.status)).where(col(Wallet.id) == wallet_id))
-    state = await ledger.set_status(session, wallet_id, status.value)
+    state = await change_status(session, principal, organization_id, wallet_id, status, text_reason)
     # Staff take the wallet's status over: a suspension by an unpaid subscription is theirs now,
     # and a later payment of that subscription does not undo it.
     await session.execute(
@@ -273,6 +272,23 @@ async def set_wallet_status(
         ),
         {"org": organization_id},
     )
+    return state
+
+
+async def change_status(
+    session: AsyncSession,
+    actor: audit.Actor,
+    organization_id: uuid.UUID,
+    wallet_id: uuid.UUID,
+    status: WalletStatus,
+    reason: str,
+    *,
+    now: datetime | None = None,
+) -> ledger.WalletState:
+    """Sets the wallet's status through the ledger. A change (not the same status again) tells
+    the organization and is audited under ``actor`` (staff, or a duty or Stripe's event)."""
+    before = await session.scalar(select(col(Wallet.status)).where(col(Wallet.id) == wallet_id))
+    state = await ledger.set_status(session, wallet_id, status.value, now=now)
     if before != status.value:
         suspended = status == WalletStatus.SUSPENDED
         await notifications.notify(
@@ -282,21 +298,22 @@ async def set_wallet_status(
             key=f"wallet-status:{uuid7()}",  # each change of status is a cause of its own
             title="Wallet suspended" if suspended else "Wallet reactivated",
             body=(
-                f"The wallet was suspended: consumptions are refused. Reason: {text_reason}"
+                f"The wallet was suspended: consumptions are refused. Reason: {reason}"
                 if suspended
-                else f"The wallet is active again. Reason: {text_reason}"
+                else f"The wallet is active again. Reason: {reason}"
             ),
-            data={"status": status.value, "reason": text_reason},
+            data={"status": status.value, "reason": reason},
+            now=now,
         )
         await audit.record(
             session,
-            principal,
-            action="wallet.suspend" if status == WalletStatus.SUSPENDED else "wallet.reactivate",
+            actor,
+            action="wallet.suspend" if suspended else "wallet.reactivate",
             organization_id=organization_id,
             target_type="wallet",
             target_id=wallet_id,
             before={"status": before},
-            after={"status": status.value, "reason": text_reason},
+            after={"status": status.value, "reason": reason},
         )
     return state
 

@@ -21,6 +21,7 @@ import stripe
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from orgwallet.db.models import Purchase, PurchaseMethod
+from orgwallet.payments import fields
 from orgwallet.payments.gateway import StripeGateway
 from orgwallet.services import purchases, subscriptions
 from orgwallet.services.purchases import Payment
@@ -64,22 +65,6 @@ Handler = Callable[[EventContext, JsonObject], Awaitable[str]]
 Prefetch = Callable[[PrefetchContext, JsonObject], Awaitable[Fetched]]
 
 
-def _str(value: object) -> str | None:
-    return value if isinstance(value, str) and value else None
-
-
-def _id_of(value: object) -> str | None:
-    """An id field, whether Stripe sent the id or the expanded object."""
-    if isinstance(value, dict):
-        return _str(value.get("id"))
-    return _str(value)
-
-
-def _metadata(obj: JsonObject) -> JsonObject:
-    metadata = obj.get("metadata")
-    return metadata if isinstance(metadata, dict) else {}
-
-
 def _unknown(ctx: EventContext, obj: JsonObject) -> str:
     log.warning("Stripe event %s (%s) for %s: no such purchase", ctx.event_id, ctx.event_type, obj.get("id"))
     return UNKNOWN_PURCHASE
@@ -88,19 +73,22 @@ def _unknown(ctx: EventContext, obj: JsonObject) -> str:
 def _session_ids(checkout: JsonObject) -> JsonObject:
     """How a Checkout Session leads to its purchase (``find_purchase``'s keywords)."""
     return {
-        "checkout_session_id": _str(checkout.get("id")),
-        "purchase_id": _metadata(checkout).get("purchase_id") or checkout.get("client_reference_id"),
+        "checkout_session_id": fields.text(checkout.get("id")),
+        "purchase_id": fields.metadata(checkout).get("purchase_id") or checkout.get("client_reference_id"),
     }
 
 
 def _intent_ids(intent: JsonObject) -> JsonObject:
-    return {"payment_intent_id": _str(intent.get("id")), "purchase_id": _metadata(intent).get("purchase_id")}
+    return {
+        "payment_intent_id": fields.text(intent.get("id")),
+        "purchase_id": fields.metadata(intent).get("purchase_id"),
+    }
 
 
 def _dispute_ids(dispute: JsonObject) -> JsonObject:
     return {
-        "payment_intent_id": _id_of(dispute.get("payment_intent")),
-        "charge_id": _id_of(dispute.get("charge")),
+        "payment_intent_id": fields.id_of(dispute.get("payment_intent")),
+        "charge_id": fields.id_of(dispute.get("charge")),
     }
 
 
@@ -111,7 +99,7 @@ def _session_paid(checkout: JsonObject) -> bool:
 def _intent_receipt(intent: JsonObject) -> str | None:
     """The receipt of an intent's latest charge, when the event carries the charge expanded."""
     charge = intent.get("latest_charge")
-    return _str(charge.get("receipt_url")) if isinstance(charge, dict) else None
+    return fields.text(charge.get("receipt_url")) if isinstance(charge, dict) else None
 
 
 async def _payment_charge(ctx: PrefetchContext, intent_id: str | None, ids: JsonObject) -> Fetched:
@@ -129,14 +117,14 @@ async def _session_purchase(ctx: EventContext, checkout: JsonObject) -> Purchase
 async def _prefetch_session_payment(ctx: PrefetchContext, checkout: JsonObject) -> Fetched:
     if not _session_paid(checkout):
         return Fetched()
-    return await _payment_charge(ctx, _id_of(checkout.get("payment_intent")), _session_ids(checkout))
+    return await _payment_charge(ctx, fields.id_of(checkout.get("payment_intent")), _session_ids(checkout))
 
 
 async def _credit_session(ctx: EventContext, checkout: JsonObject) -> str:
     purchase = await _session_purchase(ctx, checkout)
     if purchase is None:
         return _unknown(ctx, checkout)
-    intent_id = _id_of(checkout.get("payment_intent"))
+    intent_id = fields.id_of(checkout.get("payment_intent"))
     if not _session_paid(checkout):
         return await purchases.await_delayed_payment(ctx.session, purchase, intent_id, ctx.event_id)
     amount = checkout.get("amount_total")
@@ -156,15 +144,15 @@ async def prefetch_checkout_session_completed(ctx: PrefetchContext, checkout: Js
     if checkout.get("mode") == "payment":
         return await _prefetch_session_payment(ctx, checkout)
     if checkout.get("mode") == "subscription":
-        return await _read_subscription(ctx, _id_of(checkout.get("subscription")))
+        return await _read_subscription(ctx, fields.id_of(checkout.get("subscription")))
     if checkout.get("mode") != "setup":
         return Fetched()
-    setup_intent_id = _id_of(checkout.get("setup_intent"))
-    customer_id = _id_of(checkout.get("customer"))
+    setup_intent_id = fields.id_of(checkout.get("setup_intent"))
+    customer_id = fields.id_of(checkout.get("customer"))
     if setup_intent_id is None or customer_id is None:
         return Fetched()
     setup_intent = await ctx.gateway.retrieve_setup_intent(setup_intent_id)
-    method_id = _id_of(setup_intent.payment_method)
+    method_id = fields.id_of(setup_intent.payment_method)
     if setup_intent.status != "succeeded" or method_id is None:
         return Fetched()
     await purchases.make_default_in_stripe(
@@ -180,7 +168,7 @@ async def checkout_session_completed(ctx: EventContext, checkout: JsonObject) ->
     if checkout.get("mode") == "subscription":
         return await _sync_subscription(ctx)
     if checkout.get("mode") == "setup":
-        customer_id = _id_of(checkout.get("customer"))
+        customer_id = fields.id_of(checkout.get("customer"))
         if customer_id is None or ctx.fetched.saved_card is None:
             return "ignored"
         return await purchases.save_default_payment_method(
@@ -202,7 +190,7 @@ async def checkout_session_async_payment_failed(ctx: EventContext, checkout: Jso
     purchase = await _session_purchase(ctx, checkout)
     if purchase is None:
         return _unknown(ctx, checkout)
-    purchases.link_payment_intent(purchase, _id_of(checkout.get("payment_intent")))
+    purchases.link_payment_intent(purchase, fields.id_of(checkout.get("payment_intent")))
     return await purchases.fail_purchase(
         ctx.session, purchase, purchase.failure_reason or "The delayed payment (bank debit) failed.", ctx.now
     )
@@ -226,7 +214,7 @@ async def _intent_purchase(ctx: EventContext, intent: JsonObject) -> Purchase | 
 async def prefetch_payment_intent_succeeded(ctx: PrefetchContext, intent: JsonObject) -> Fetched:
     if intent.get("status") != "succeeded" or _intent_receipt(intent) is not None:
         return Fetched()
-    return await _payment_charge(ctx, _str(intent.get("id")), _intent_ids(intent))
+    return await _payment_charge(ctx, fields.text(intent.get("id")), _intent_ids(intent))
 
 
 async def payment_intent_succeeded(ctx: EventContext, intent: JsonObject) -> str:
@@ -241,8 +229,8 @@ async def payment_intent_succeeded(ctx: EventContext, intent: JsonObject) -> str
         object_id=str(intent.get("id")),
         amount_minor=received if isinstance(received, int) else -1,
         currency=str(intent.get("currency") or ""),
-        payment_intent_id=_str(intent.get("id")),
-        charge_id=_id_of(intent.get("latest_charge")),
+        payment_intent_id=fields.text(intent.get("id")),
+        charge_id=fields.id_of(intent.get("latest_charge")),
         receipt_url=_intent_receipt(intent),
     )
     return await purchases.credit_purchase(ctx.session, purchase, payment, ctx.fetched.charge)
@@ -259,9 +247,10 @@ async def payment_intent_payment_failed(ctx: EventContext, intent: JsonObject) -
     error = intent.get("last_payment_error")
     error = error if isinstance(error, dict) else {}
     reason = purchases.decline_reason(
-        _str(error.get("message")), _str(error.get("decline_code")) or _str(error.get("code"))
+        fields.text(error.get("message")),
+        fields.text(error.get("decline_code")) or fields.text(error.get("code")),
     )
-    purchases.link_payment_intent(purchase, _str(intent.get("id")))
+    purchases.link_payment_intent(purchase, fields.text(intent.get("id")))
     if purchase.method == PurchaseMethod.CHECKOUT or purchase.checkout_session_id is not None:
         return await purchases.note_declined_attempt(ctx.session, purchase, reason)
     if purchase.method == PurchaseMethod.AUTO_TOP_UP and error.get("code") == purchases.ACTION_REQUIRED:
@@ -272,9 +261,9 @@ async def payment_intent_payment_failed(ctx: EventContext, intent: JsonObject) -
 async def _charge_purchase(ctx: EventContext, charge: JsonObject) -> Purchase | None:
     return await purchases.find_purchase(
         ctx.session,
-        payment_intent_id=_id_of(charge.get("payment_intent")),
-        charge_id=_str(charge.get("id")),
-        purchase_id=_metadata(charge).get("purchase_id"),
+        payment_intent_id=fields.id_of(charge.get("payment_intent")),
+        charge_id=fields.text(charge.get("id")),
+        purchase_id=fields.metadata(charge).get("purchase_id"),
     )
 
 
@@ -291,7 +280,7 @@ async def _dispute_purchase(ctx: EventContext, dispute: JsonObject) -> Purchase 
 
 async def prefetch_charge_dispute_created(ctx: PrefetchContext, dispute: JsonObject) -> Fetched:
     """The disputed charge, when the purchase was never credited: it shows whether it was paid."""
-    charge_id = _id_of(dispute.get("charge"))
+    charge_id = fields.id_of(dispute.get("charge"))
     if charge_id is None or not await purchases.awaits_credit(ctx.sessions, **_dispute_ids(dispute)):
         return Fetched()
     return Fetched(charge=await ctx.gateway.retrieve_charge(charge_id))
@@ -332,8 +321,8 @@ async def charge_dispute_funds_reinstated(ctx: EventContext, dispute: JsonObject
 
 async def prefetch_setup_intent_succeeded(ctx: PrefetchContext, setup_intent: JsonObject) -> Fetched:
     """The saved card made the customer's default in Stripe (the event says which card)."""
-    customer_id = _id_of(setup_intent.get("customer"))
-    method_id = _id_of(setup_intent.get("payment_method"))
+    customer_id = fields.id_of(setup_intent.get("customer"))
+    method_id = fields.id_of(setup_intent.get("payment_method"))
     if customer_id is not None and method_id is not None:
         await purchases.make_default_in_stripe(
             ctx.sessions, ctx.gateway, customer_id=customer_id, payment_method_id=method_id
@@ -342,8 +331,8 @@ async def prefetch_setup_intent_succeeded(ctx: PrefetchContext, setup_intent: Js
 
 
 async def setup_intent_succeeded(ctx: EventContext, setup_intent: JsonObject) -> str:
-    customer_id = _id_of(setup_intent.get("customer"))
-    method_id = _id_of(setup_intent.get("payment_method"))
+    customer_id = fields.id_of(setup_intent.get("customer"))
+    method_id = fields.id_of(setup_intent.get("payment_method"))
     if customer_id is None or method_id is None:
         return "ignored"
     return await purchases.save_default_payment_method(
@@ -380,7 +369,7 @@ async def _sync_subscription(ctx: EventContext) -> str:
 
 
 async def prefetch_subscription_event(ctx: PrefetchContext, subscription: JsonObject) -> Fetched:
-    return await _read_subscription(ctx, _str(subscription.get("id")), subscription)
+    return await _read_subscription(ctx, fields.text(subscription.get("id")), subscription)
 
 
 async def customer_subscription_changed(ctx: EventContext, subscription: JsonObject) -> str:
